@@ -14,11 +14,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# Until the DVC pipeline lands, the main job is the benchmark of the core package on a small
+# open_clip ViT with random weights.
 repro: $(VENV)/.installed
-	$(VENV)/bin/weclip smoke
+	$(VENV)/bin/weclip benchmark --arch ViT-S-16 --batch 2 --crop 224 --steps 3 --warmup 1 --infer-images 2 --device cpu
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest
 
 bench: $(VENV)/.installed
-	$(PY) -m weclip.benchmark --arch ViT-B-16 --batch 2 --crop 320 --steps 3
+	$(VENV)/bin/weclip benchmark --arch ViT-B-16 --batch 4 --crop 320

@@ -44,3 +44,43 @@ def tiny_model(tiny_arch, tiny_clip_weights):
     torch.manual_seed(0)
     backbone = FrozenCLIP.from_config(tiny_arch, str(tiny_clip_weights))
     return WeCLIP(backbone, ["cat", "dog", "car"], ["grass", "sky"])
+
+
+@pytest.fixture
+def file_server():
+    """A local HTTP server on 127.0.0.1 that honours Range requests.
+
+    Yields an object with ``url`` (base URL), ``files`` (path -> bytes to serve, e.g.
+    ``files["/a.tar"] = data``) and ``ranges`` (the Range header of every request, or None).
+    """
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from types import SimpleNamespace
+
+    state = SimpleNamespace(files={}, ranges=[])
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            data, byte_range = state.files.get(self.path), self.headers.get("Range")
+            state.ranges.append(byte_range)
+            if data is None:
+                return self.send_error(404)
+            start = int(byte_range.removeprefix("bytes=").rstrip("-")) if byte_range else 0
+            if start >= len(data) > 0:
+                return self.send_error(416)
+            self.send_response(206 if byte_range else 200)
+            if byte_range:
+                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            self.send_header("Content-Length", str(len(data) - start))
+            self.end_headers()
+            self.wfile.write(data[start:])
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state.url = f"http://127.0.0.1:{server.server_port}"
+    yield state
+    server.shutdown()
+    server.server_close()

@@ -1,0 +1,32 @@
+"""Writing converted label masks, resumably.
+
+Each mask is written to a temporary name and renamed into place, so an interrupted conversion
+leaves only whole files; running it again skips the masks that already exist.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+
+def save_mask(mask: np.ndarray, path: str | Path) -> None:
+    """Save a [H, W] array of class ids (0..255) as a single-channel PNG, atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def write_masks(jobs: Sequence[tuple[Path, Callable[[], np.ndarray]]], desc: str) -> None:
+    """For each (path, render) job whose path does not exist yet, save ``render()`` there."""
+    todo = [(path, render) for path, render in jobs if not path.exists()]
+    with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit=" masks") as bar:
+        for path, render in todo:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_mask(render(), path)
+            bar.update()
