@@ -29,15 +29,17 @@ class PAR(nn.Module):
                     for d in self.dilations for dy, dx in _NEIGHBOURS]
         self.register_buffer("distance", torch.tensor(distance).view(1, 1, -1, 1, 1), persistent=False)
 
-    def neighbours(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] -> [B, C, 8 * len(dilations), h, w], replicate padding at the border."""
+    def shifted(self, x: torch.Tensor):
+        """Yield the 8 * len(dilations) neighbour views of [B, C, h, w], replicate-padded."""
         h, w = x.shape[-2:]
-        out = []
         for d in self.dilations:
             padded = F.pad(x, [d] * 4, mode="replicate")
-            out += [padded[..., d + dy * d:d + dy * d + h, d + dx * d:d + dx * d + w]
-                    for dy, dx in _NEIGHBOURS]
-        return torch.stack(out, dim=2)
+            for dy, dx in _NEIGHBOURS:
+                yield padded[..., d + dy * d:d + dy * d + h, d + dx * d:d + dx * d + w]
+
+    def neighbours(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, C, 8 * len(dilations), h, w]."""
+        return torch.stack(list(self.shifted(x)), dim=2)
 
     def affinity(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Neighbour weights [B, 1, 8 * len(dilations), h, w] from colour and position."""
@@ -52,8 +54,13 @@ class PAR(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        aff = self.affinity(images.float(), masks.shape[-2:])
-        masks = masks.float()
+        dtype = torch.promote_types(images.dtype, torch.float32)  # half precision is too coarse
+        aff = self.affinity(images.to(dtype), masks.shape[-2:])
+        masks = masks.to(dtype)
         for _ in range(self.num_iter):
-            masks = (self.neighbours(masks) * aff).sum(2)
+            # Accumulating neighbour by neighbour never holds all 48 shifted copies at once.
+            out = torch.zeros_like(masks)
+            for k, near in enumerate(self.shifted(masks)):
+                out.addcmul_(near, aff[:, :, k])
+            masks = out
         return masks

@@ -9,6 +9,7 @@ them all, or (``skip_bad``) the bad records are left out and listed in ``skipped
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -20,6 +21,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from weclip.dataset import ClassInfo, Record, write_dataset
+
+log = logging.getLogger(__name__)
 
 UNLABELLED_SPLITS = ("test",)  # splits whose images carry no labels (e.g. VOC test)
 
@@ -97,6 +100,9 @@ def write_checked_dataset(out_dir: str | Path, info: ClassInfo, records: list[Re
     if not good:
         raise BadInputError(f"{out_dir}: no usable images" + (f"; {_report(problems)}"
                                                               if problems else ""))
+    if problems:
+        log.warning("%d problem(s) in the input; their images are left out, see %s",
+                    len(problems), out_dir / "skipped.csv")
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_skipped(out_dir / "skipped.csv", problems)
     write_dataset(out_dir, info, good)
@@ -127,7 +133,7 @@ def _check_record(record: Record, info: ClassInfo, labels_from_masks: bool,
     else:
         labels = _resolve_labels(record, info, labels_source, problems)
     if not labels and not problems and record.split not in UNLABELLED_SPLITS:
-        why = "its mask shows no class" if labels_from_masks else "an image needs at least one class"
+        why = "its mask shows no class" if labels_from_masks else "at least one class is needed"
         problems.append((str(record.image), f"no labels ({why})"))
     return replace(record, labels=labels), problems
 

@@ -1,7 +1,7 @@
 """MS COCO 2014 as 81-class semantic segmentation -> the data contract of ``weclip.dataset``.
 
 Splits 'train' and 'val': the images with at least one annotation (82,081 and 40,137, as in the
-reference lists). Images are referenced where they are, not copied. ``root`` holds one of
+reference lists). Images are referenced where they are, not copied. ``root`` holds either
 
 * the original layout: ``train2014/``, ``val2014/`` and ``annotations/instances_{split}2014.json``
   (what ``download_dir`` downloads and extracts). Masks are rendered from the polygons and RLEs
@@ -9,10 +9,10 @@ reference lists). Images are referenced where they are, not copied. ``root`` hol
   1..80; crowd regions are painted 255 (ignored) first, then objects in annotation order, a
   later one over an earlier one. Image-level labels are the categories of all annotations,
   crowd ones included. Rendering shows progress and resumes, skipping masks already written.
-* a VOC-style copy: ``JPEGImages/{split}/<name>.jpg`` and ``SegmentationClass/{split}/<number>.png``
-  (number = the name after its last '_', the reference's naming). Labels are the classes in
-  each mask, so an image whose mask shows no class fails the checks; ``skip_bad`` leaves such
-  images out.
+* or a VOC-style copy, recognised by its JPEGImages folder: ``JPEGImages/{split}/<name>.jpg``
+  and ``SegmentationClass/{split}/<number>.png`` (number = the name after its last '_', the
+  reference's naming). Labels are the classes in each mask, so an image whose mask shows no
+  class fails the checks; ``skip_bad`` leaves such images out.
 """
 from __future__ import annotations
 

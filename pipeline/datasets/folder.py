@@ -77,9 +77,10 @@ def read_class_list(path: Path) -> tuple[list[str], list[str]]:
     else:
         raise ValueError(f"{path}: class list must be .txt, .yaml, .yml or .json")
     for name, prompt in entries:
-        if not isinstance(name, str) or not name.strip() or not isinstance(prompt, (str, type(None))):
+        if not (isinstance(name, str) and name.strip() and LABEL_SEPARATOR not in name
+                and isinstance(prompt, (str, type(None)))):
             raise ValueError(f"{path}: class {name!r} (prompt {prompt!r}): names and prompts "
-                             "must be non-empty text")
+                             f"must be non-empty text, names without {LABEL_SEPARATOR!r}")
     return [n.strip() for n, _ in entries], [(p or n).strip() for n, p in entries]
 
 

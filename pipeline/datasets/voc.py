@@ -17,6 +17,7 @@ Either way 'train_aug' is every mask of SegmentationClassAug whose image is not 
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,7 @@ ARCHIVES = {
         "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
         "md5:6cd6e144f989b92b3379bac3b3de84fd"),
     "benchmark.tgz": (
-        "http://www.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/"
+        "https://www2.eecs.berkeley.edu/Research/Projects/CS/vision/grouping/semantic_contours/"
         "benchmark.tgz",
         "md5:82b4d87ceb2ed10f6038a1cba92111cb"),
 }
@@ -116,7 +117,7 @@ def build_segmentation_class_aug(root: Path, sbd: Path) -> Path:
     for image_id in ids:
         voc_mask = root / "SegmentationClass" / f"{image_id}.png"
         source = voc_mask if voc_mask.exists() else sbd / "cls" / f"{image_id}.mat"
-        jobs.append((out / f"{image_id}.png", lambda source=source: _load_mask(source)))
+        jobs.append((out / f"{image_id}.png", partial(_load_mask, source)))
     write_masks(jobs, desc="SegmentationClassAug")
     return out
 
