@@ -1,0 +1,88 @@
+"""The train stage: it learns, logs, checkpoints and resumes where it stopped."""
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.params import load_params
+from pipeline.train import train
+from weclip.dataset import ClassInfo, Record, write_dataset
+
+
+@pytest.fixture
+def toy_dataset(tmp_path):
+    """Squares of two colours on grey: 6 train and 2 val images with masks."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "prepared" / "toy"
+    root.mkdir(parents=True)
+    records = []
+    for i in range(8):
+        image = np.full((64, 64, 3), 128, np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        klass = 1 + i % 2
+        y, x = rng.integers(0, 32, 2)
+        image[y:y + 24, x:x + 24] = (200, 30, 30) if klass == 1 else (30, 30, 200)
+        mask[y:y + 24, x:x + 24] = klass
+        Image.fromarray(image).save(root / f"{i}.png")
+        Image.fromarray(mask).save(root / f"{i}_mask.png")
+        records.append(Record(str(i), root / f"{i}.png", root / f"{i}_mask.png",
+                              "train" if i < 6 else "val", [klass]))
+    write_dataset(root, ClassInfo("toy", ["red", "blue"], ["red square", "blue square"], ["grey"]), records)
+    return tmp_path
+
+
+def toy_params(toy_dataset, tiny_arch, tiny_clip_weights, out, **train):
+    overrides = {"data.dataset": "toy", "data.out": str(toy_dataset / "prepared"),
+                 "clip.arch": tiny_arch, "clip.weights": str(tiny_clip_weights),
+                 "model.decoder_dim": 32, "model.par_iters": 2, "train.out": str(out),
+                 "train.iters": 6, "train.rfm_start": 3, "train.batch_size": 2,
+                 "train.crop_size": 64, "train.workers": 0, "train.log_every": 1,
+                 "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_images": 2,
+                 "train.warmup_iters": 2}
+    overrides.update({f"train.{k}": v for k, v in train.items()})
+    return load_params("no-such-params.yaml", overrides)
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_training_writes_model_losses_and_evaluations(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run")
+    model_path = train(params)
+    assert set(torch.load(model_path, weights_only=False)) >= {"decoder", "classes", "clip"}
+    assert [int(r["iteration"]) for r in read_rows(tmp_path / "run" / "losses.csv")] == [1, 2, 3, 4, 5, 6]
+    evals = read_rows(tmp_path / "run" / "eval.csv")
+    assert [int(r["iteration"]) for r in evals] == [2, 4, 6]
+    assert all(0 <= float(r["val_miou"]) <= 100 for r in evals)
+
+
+def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(
+        toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    whole = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "whole")
+    torch.load(train(whole), weights_only=False)
+
+    def interrupt(iteration, row):
+        if iteration == 4:
+            raise KeyboardInterrupt
+
+    broken = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "broken")
+    with pytest.raises(KeyboardInterrupt):
+        train(broken, on_eval=interrupt)
+    assert not (tmp_path / "broken" / "model.pt").exists()
+    train(broken)
+
+    a = torch.load(tmp_path / "whole" / "model.pt", weights_only=False)["decoder"]
+    b = torch.load(tmp_path / "broken" / "model.pt", weights_only=False)["decoder"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_rows(tmp_path / "whole" / "losses.csv") == read_rows(tmp_path / "broken" / "losses.csv")
+
+
+def test_unknown_params_are_refused_by_name(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train:\n  itres: 5\n")
+    with pytest.raises(ValueError, match=r"params.yaml.train: unknown key\(s\) itres"):
+        load_params(path)
