@@ -1,7 +1,9 @@
-"""The `weclip` command line."""
+"""The `weclip` command line: one command per pipeline stage, each running a Prefect flow."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -10,7 +12,63 @@ import typer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 app = typer.Typer(help="WeCLIP: weakly supervised semantic segmentation on a frozen CLIP.",
-                  no_args_is_help=True)
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="the parameters file")
+SetOption = typer.Option(None, "--set", "-S", help="override a parameter: -S train.iters=100")
+TagOption = typer.Option(None, "--tag", help="extra Prefect tags for the run")
+
+
+def _load(params_path: Path, overrides: Optional[list[str]]):
+    import yaml
+
+    from .params import load_params
+
+    values = {}
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"{item!r}: expected key=value")
+        values[key] = yaml.safe_load(value)
+    return load_params(params_path, values)
+
+
+def _run(flow_name: str, params, tags: Optional[list[str]]):
+    """Run a flow of pipeline.flows with Prefect configured, tagged with the stage and any DVC
+    experiment name."""
+    from .prefect_env import configure
+
+    configure()
+    from prefect import tags as prefect_tags
+
+    from . import flows
+
+    run_tags = [f"stage:{flow_name.removesuffix('_flow')}", *(tags or [])]
+    if os.environ.get("DVC_EXP_NAME"):
+        run_tags.append(f"dvc-exp:{os.environ['DVC_EXP_NAME']}")
+    with prefect_tags(*run_tags):
+        return getattr(flows, flow_name)(params)
+
+
+@app.command()
+def prepare(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+            tag: Optional[list[str]] = TagOption):
+    """Prepare the dataset of `data.dataset` into the data contract."""
+    typer.echo(_run("prepare_flow", _load(params, set_), tag))
+
+
+@app.command()
+def cache(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+          tag: Optional[list[str]] = TagOption):
+    """Write the frozen CLIP's tokens and attention of the train split to zarr (resumable)."""
+    typer.echo(_run("cache_flow", _load(params, set_), tag))
+
+
+@app.command()
+def train(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+          tag: Optional[list[str]] = TagOption):
+    """Train WeCLIP (resumes from the run folder's checkpoint)."""
+    typer.echo(_run("train_flow", _load(params, set_), tag))
 
 
 @app.command()

@@ -54,6 +54,13 @@ class ModelParams:
 
 
 @dataclass
+class CacheParams:
+    path: str = "data/cache/train.zarr"
+    batch_size: int = 8
+    device: str = "auto"
+
+
+@dataclass
 class TrainParams:
     split: str = "train"
     val_split: str = "val"
@@ -88,6 +95,7 @@ class Params:
     data: DataParams = field(default_factory=DataParams)
     clip: ClipParams = field(default_factory=ClipParams)
     model: ModelParams = field(default_factory=ModelParams)
+    cache: CacheParams = field(default_factory=CacheParams)
     train: TrainParams = field(default_factory=TrainParams)
 
     @property

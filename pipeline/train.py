@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from weclip import FrozenCLIP, WeCLIP
+from weclip import BackboneFeatures, FrozenCLIP, WeCLIP
 from weclip.dataset import ClassInfo, EvalDataset, TrainDataset, read_classes
 from weclip.inference import predict
 from weclip.metrics import confusion_matrix, mean_iou
@@ -75,9 +75,9 @@ def score(model: WeCLIP, dataset: EvalDataset, device, limit: int | None = None,
     return out
 
 
-def _batches(data: TrainDataset, batch_size: int, seed: int, start: int, workers: int):
-    """Batches (images, labels, indices) forever from iteration ``start``: a seeded
-    permutation per epoch, last partial batch dropped, so a resumed run sees the same data."""
+def _batches(data, batch_size: int, seed: int, start: int, workers: int, collate=None):
+    """Batches forever from iteration ``start``: a seeded permutation per epoch, last partial
+    batch dropped, so a resumed run sees the same data."""
     per_epoch = len(data) // batch_size
     first_epoch, skip = divmod(start, per_epoch)
     for epoch in count(first_epoch):
@@ -87,9 +87,14 @@ def _batches(data: TrainDataset, batch_size: int, seed: int, start: int, workers
         order = torch.randperm(len(data), generator=generator)
         batches = order[:per_epoch * batch_size].view(per_epoch, batch_size).tolist()[skip:]
         skip = 0
-        data.epoch = epoch
+        data.epoch = epoch  # TrainDataset seeds its augmentation with it
         yield from torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
-                                               generator=generator)
+                                               generator=generator, collate_fn=collate)
+
+
+def _to(features: BackboneFeatures, device) -> BackboneFeatures:
+    return BackboneFeatures(features.tokens.to(device, non_blocking=True),
+                            features.attn.to(device, non_blocking=True), features.grid)
 
 
 def _trim_csv(path: Path, columns, keep_below: int) -> None:
@@ -139,17 +144,25 @@ def train(params: Params, on_eval=None) -> Path:
     for name, columns in (("losses.csv", LOSS_COLUMNS), ("eval.csv", EVAL_COLUMNS)):
         _trim_csv(out / name, columns, keep_below=start + 1)
 
-    if t.features != "online":
-        raise ValueError(f"train.features: {t.features!r} is not available yet; use 'online'")
-    data = TrainDataset(root, t.split, t.crop_size, t.scale_range, params.clip.normalization, t.seed)
+    if t.features == "online":
+        data = TrainDataset(root, t.split, t.crop_size, t.scale_range, params.clip.normalization,
+                            t.seed)
+        batches = _batches(data, t.batch_size, t.seed, start, t.workers)
+    elif t.features == "cache":
+        from .cache import CachedFeatures
+
+        data = CachedFeatures(params.cache.path, model.backbone)
+        batches = _batches(data, t.batch_size, t.seed, start, t.workers, data.collate)
+    else:
+        raise ValueError(f"train.features: {t.features!r} is neither 'online' nor 'cache'")
     if len(data) < t.batch_size:
         raise ValueError(f"{root}: split {t.split!r} has {len(data)} images, fewer than a batch")
     evals = {s: EvalDataset(root, s, params.clip.normalization) for s in (t.split, t.val_split)}
 
-    batches = _batches(data, t.batch_size, t.seed, start, t.workers)
     bar = tqdm(range(start, t.iters), initial=start, total=t.iters, desc="train", unit="it")
-    for it, (images, labels, _) in zip(bar, batches):
-        result = step(images.to(device, non_blocking=True), labels,
+    for it, (images, labels, extra) in zip(bar, batches):
+        features = _to(extra, device) if t.features == "cache" else None
+        result = step(images.to(device, non_blocking=True), labels, features=features,
                       refinement="rfm" if it >= t.rfm_start else "static")
         done = it + 1
         if done % t.log_every == 0 or done == t.iters:

@@ -86,3 +86,16 @@ def test_unknown_params_are_refused_by_name(tmp_path):
     path.write_text("train:\n  itres: 5\n")
     with pytest.raises(ValueError, match=r"params.yaml.train: unknown key\(s\) itres"):
         load_params(path)
+
+
+def test_training_from_the_feature_cache(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    from pipeline.cache import write_cache
+    from weclip import FrozenCLIP
+
+    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run",
+                        features="cache", iters=2)
+    params.cache.path = str(tmp_path / "cache.zarr")
+    write_cache(FrozenCLIP.from_config(tiny_arch, str(tiny_clip_weights)), params.dataset_dir,
+                "train", params.cache.path, size=64, progress=False)
+    train(params)
+    assert len(read_rows(tmp_path / "run" / "losses.csv")) == 2

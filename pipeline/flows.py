@@ -1,0 +1,53 @@
+"""Each stage as a Prefect flow, so that every run shows in the Prefect UI with its logs.
+
+Import this only after ``pipeline.prefect_env.configure()``: Prefect reads its settings at import.
+"""
+from __future__ import annotations
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+
+from .params import Params
+
+
+@flow(name="prepare", log_prints=True)
+def prepare_flow(params: Params) -> str:
+    from .prepare import prepare
+
+    out = prepare(params)
+    get_run_logger().info("prepared %s at %s", params.data.dataset, out)
+    return str(out)
+
+
+@flow(name="cache", log_prints=True)
+def cache_flow(params: Params) -> str:
+    from weclip import FrozenCLIP
+
+    from .cache import write_cache
+    from .train import resolve_device
+
+    backbone = FrozenCLIP.from_config(params.clip.arch, params.clip.weights)
+    out = write_cache(backbone, params.dataset_dir, params.train.split, params.cache.path,
+                      size=params.train.crop_size, normalization=params.clip.normalization,
+                      batch_size=params.cache.batch_size,
+                      device=resolve_device(params.cache.device))
+    return str(out)
+
+
+@flow(name="train", log_prints=True)
+def train_flow(params: Params) -> str:
+    from .train import train
+
+    progress = create_progress_artifact(progress=0.0, key="train-progress",
+                                        description="iterations done, percent")
+    rows = []
+
+    def on_eval(iteration, row):
+        rows.append(row)
+        update_progress_artifact(progress_id=progress, progress=100 * iteration / params.train.iters)
+        get_run_logger().info("iteration %d: %s", iteration, row)
+
+    model = train(params, on_eval=on_eval)
+    create_table_artifact(key="train-evaluation", table=rows,
+                          description="pseudo-label mIoU (train) and segmentation mIoU (val)")
+    return str(model)
