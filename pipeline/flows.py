@@ -4,6 +4,8 @@ Import this only after ``pipeline.prefect_env.configure()``: Prefect reads its s
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 
@@ -51,3 +53,10 @@ def train_flow(params: Params) -> str:
     create_table_artifact(key="train-evaluation", table=rows,
                           description="pseudo-label mIoU (train) and segmentation mIoU (val)")
     return str(model)
+
+
+@flow(name="infer", log_prints=True)
+def infer_flow(params: Params) -> str:
+    from .infer import infer
+
+    return str(infer(params, Path(params.train.out) / "model.pt"))

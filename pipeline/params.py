@@ -91,12 +91,35 @@ class TrainParams:
 
 
 @dataclass
+class CRFParams:
+    iterations: int = 10
+    pos_sxy: float = 3
+    pos_compat: float = 3
+    bi_sxy: float = 64
+    bi_srgb: float = 5
+    bi_compat: float = 4
+
+
+@dataclass
+class InferParams:
+    split: str = "val"
+    scales: list = field(default_factory=lambda: [1.0, 0.75])
+    flip: bool = True
+    long_side: int | None = 512
+    crf: CRFParams = field(default_factory=CRFParams)
+    workers: int = 2
+    device: str = "auto"
+    out: str = "runs/infer"
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     clip: ClipParams = field(default_factory=ClipParams)
     model: ModelParams = field(default_factory=ModelParams)
     cache: CacheParams = field(default_factory=CacheParams)
     train: TrainParams = field(default_factory=TrainParams)
+    infer: InferParams = field(default_factory=InferParams)
 
     @property
     def dataset_dir(self) -> Path:

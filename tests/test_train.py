@@ -99,3 +99,20 @@ def test_training_from_the_feature_cache(toy_dataset, tiny_arch, tiny_clip_weigh
                 "train", params.cache.path, size=64, progress=False)
     train(params)
     assert len(read_rows(tmp_path / "run" / "losses.csv")) == 2
+
+
+def test_inference_writes_three_variants_and_resumes(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    from pipeline.infer import VARIANTS, infer
+
+    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2)
+    model = train(params)
+    params.infer.out, params.infer.long_side, params.infer.workers = str(tmp_path / "infer"), 64, 1
+    out = infer(params, model)
+    for variant in VARIANTS:
+        masks = sorted((out / variant).glob("*.png"))
+        assert [m.stem for m in masks] == ["6", "7"]
+        assert np.asarray(Image.open(masks[0])).shape == (64, 64)
+    first = (out / "crf" / "6.png").stat().st_mtime_ns
+    (out / "crf" / "7.png").unlink()
+    infer(params, model)
+    assert (out / "crf" / "7.png").exists() and (out / "crf" / "6.png").stat().st_mtime_ns == first

@@ -43,14 +43,15 @@ CLASSES = (
     ("rock", "grey"),
 )
 
-# Background textures: (word, phrases placing objects on it, phrase naming it alone).
+# Background textures: (word, phrases placing objects on it). The bare word also appears in
+# captions ('a photo of grass with ...') so that prompts built from it are understood.
 BACKGROUNDS = (
-    ("grass", ("on grass", "on the grass", "lying in the grass"), "grass"),
-    ("sand", ("on sand", "on the sand", "lying on the beach sand"), "sand"),
-    ("water", ("on water", "floating on the water", "on the water"), "water"),
-    ("brick wall", ("in front of a brick wall", "against a brick wall"), "a brick wall"),
-    ("sky", ("in the sky", "against the sky", "against a blue sky"), "the sky"),
-    ("wood", ("on wood", "on a wooden table", "on wooden planks"), "wood"),
+    ("grass", ("on grass", "on the grass", "lying in the grass")),
+    ("sand", ("on sand", "on the sand", "lying on the beach sand")),
+    ("water", ("on water", "floating on the water", "on the water")),
+    ("brick wall", ("in front of a brick wall", "against a brick wall")),
+    ("sky", ("in the sky", "against the sky", "against a blue sky")),
+    ("wood", ("on wood", "on a wooden table", "on wooden planks")),
 )
 
 CAPTION_TEMPLATES = (
@@ -81,7 +82,7 @@ def class_info() -> ClassInfo:
         name="world",
         classes=[name for name, _ in CLASSES],
         prompts=[f"a photo of {_article(name)}." for name, _ in CLASSES],
-        background=[word for word, _, _ in BACKGROUNDS],
+        background=[word for word, _ in BACKGROUNDS],
     )
 
 
@@ -123,15 +124,16 @@ def _background(rng: np.random.Generator, kind: int, size: int) -> np.ndarray:
         tone = np.sin(row * 12.9898 + col * 78.233) * 43758.5453 % 1.0
         mortar = ((y * rows) % 1.0 < 0.14) | (((x + 0.5 * brick_w * (row % 2)) / brick_w) % 1.0 < 0.06)
         shade = 0.85 + 0.25 * tone + 0.05 * fine
-        base = rng.uniform((140, 50, 40), (175, 75, 60))
+        base = rng.uniform((125, 65, 50), (155, 90, 70))  # weathered brown, unlike the red apple
         image = shade[..., None] * base
         image[mortar] = rng.uniform(175, 200) + 6 * fine[mortar, None]
         return image
     elif word == "sky":
         gradient = 0.85 + 0.2 * y
         image = gradient[..., None] * rng.uniform((110, 170, 225), (150, 200, 250)) + 2 * fine[..., None]
-        clouds = np.clip((_smooth_noise(rng, size, 5) - 0.55) * 4, 0, 1)[..., None]
-        return (1 - clouds) * image + clouds * 250.0
+        # Thin bluish clouds, unlike the pure white of the dice.
+        clouds = np.clip((_smooth_noise(rng, size, 5) - 0.6) * 3, 0, 0.6)[..., None]
+        return (1 - clouds) * image + clouds * np.array((225, 235, 250), np.float32)
     else:  # wood
         grain = np.sin(2 * np.pi * (rng.uniform(10, 18) * x + 1.5 * _smooth_noise(rng, size, 3)))
         planks = (x * int(rng.integers(2, 5))) % 1.0 < 0.02
@@ -228,9 +230,9 @@ def _caption(rng: np.random.Generator, labels: list[int], background: int) -> st
         # The colour is left out half of the time so that the bare name matches the prompts.
         phrases.append(_article(f"{colour} {name}" if rng.random() < 0.5 else name))
     objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
-    _, wheres, alone = BACKGROUNDS[background]
+    word, wheres = BACKGROUNDS[background]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-    return template.format(objects=objects, where=wheres[rng.integers(len(wheres))], background=alone)
+    return template.format(objects=objects, where=wheres[rng.integers(len(wheres))], background=word)
 
 
 def draw_scene(rng: np.random.Generator, image_size: int = 128) -> Scene:
