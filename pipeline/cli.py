@@ -79,6 +79,13 @@ def infer(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
 
 
 @app.command()
+def evaluate(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+             tag: Optional[list[str]] = TagOption):
+    """Score every step of the method; write reports/ (tables, metrics.json, plots)."""
+    typer.echo(_run("evaluate_flow", _load(params, set_), tag))
+
+
+@app.command()
 def benchmark(arch: str = "ViT-B-16", batch: int = 4, crop: int = 320,
               device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)"),
               steps: int = 10, warmup: int = 2, amp: bool = False, long_side: int = 512,

@@ -60,3 +60,13 @@ def infer_flow(params: Params) -> str:
     from .infer import infer
 
     return str(infer(params, Path(params.train.out) / "model.pt"))
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate_flow(params: Params) -> dict:
+    from .evaluate import evaluate
+
+    metrics = evaluate(params, Path(params.train.out) / "model.pt")
+    table = [{"step": name, "mIoU": value} for name, value in metrics["ablation"].items()]
+    create_table_artifact(key="miou", table=table, description="mIoU of each step (percent)")
+    return metrics

@@ -113,6 +113,13 @@ class InferParams:
 
 
 @dataclass
+class EvaluateParams:
+    train_images: int | None = 500  # train images in the CAM ablation (null: all)
+    qualitative: int = 4
+    out: str = "reports"
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     clip: ClipParams = field(default_factory=ClipParams)
@@ -120,6 +127,7 @@ class Params:
     cache: CacheParams = field(default_factory=CacheParams)
     train: TrainParams = field(default_factory=TrainParams)
     infer: InferParams = field(default_factory=InferParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
 
     @property
     def dataset_dir(self) -> Path:

@@ -116,3 +116,21 @@ def test_inference_writes_three_variants_and_resumes(toy_dataset, tiny_arch, tin
     (out / "crf" / "7.png").unlink()
     infer(params, model)
     assert (out / "crf" / "7.png").exists() and (out / "crf" / "6.png").stat().st_mtime_ns == first
+
+
+def test_evaluation_reports_every_step_of_the_method(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    import json
+
+    from pipeline.evaluate import CAM_STEPS, PREDICTIONS, evaluate
+    from pipeline.infer import infer
+
+    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2)
+    model = train(params)
+    params.infer.out, params.infer.long_side, params.infer.workers = str(tmp_path / "infer"), 64, 1
+    params.evaluate.out, params.evaluate.qualitative = str(tmp_path / "reports"), 2
+    infer(params, model)
+    metrics = evaluate(params, model)
+    assert set(metrics["ablation"]) == set(CAM_STEPS) | set(PREDICTIONS)
+    assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["val"]["miou"] == metrics["val"]["miou"]
+    for name in ("iou.csv", "iou.md", "per_class_iou.csv", "confusion.csv", "qualitative.png"):
+        assert (tmp_path / "reports" / name).exists()

@@ -19,7 +19,6 @@ generator seeded by (seed, split, index), so a split does not change when anothe
 from __future__ import annotations
 
 import csv
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,12 +287,10 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, image_size: int = 128,
 
 
 def _write_captions(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(("image_id", "caption", "background"))
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_captions(root: str | Path) -> dict[str, tuple[str, str]]:

@@ -1,0 +1,91 @@
+"""The evaluate stage: mIoU of every step of the method, as tables, metrics and plots.
+
+The ablation runs on the train split, where pseudo labels are made: the initial Grad-CAM, the
+statically refined CAM, the RFM-refined CAM (each as background = 1 - max, argmax, no PAR), and
+the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
+single scale, multi-scale + flip, and with DenseCRF (the final result).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from weclip.dataset import EvalDataset, load_mask, read_classes
+from weclip.decoder import affinity
+from weclip.metrics import confusion_matrix, mean_iou
+
+from .infer import load_trained
+from .report import (iou_table, write_confusion, write_metrics, write_per_class_iou,
+                     write_qualitative, write_tables)
+from .train import resolve_device
+
+CAM_STEPS = {"initial CAM": ("none", False), "static CAM": ("static", False),
+             "RFM CAM": ("rfm", False), "pseudo labels (RFM + PAR)": ("rfm", True)}
+PREDICTIONS = {"prediction": "single", "+ multi-scale + flip": "msf", "+ CRF": "crf"}
+
+
+@torch.no_grad()
+def cam_confusions(model, data: EvalDataset, device, limit: int | None = None) -> dict:
+    """Confusion matrices of each step of CAM_STEPS over the first ``limit`` masked images."""
+    model.eval()
+    c = model.num_classes
+    out = {name: torch.zeros(c, c, dtype=torch.long) for name in CAM_STEPS}
+    indices = [i for i, r in enumerate(data.records) if r.mask][:limit]
+    for i in tqdm(indices, desc="cam ablation", unit="image"):
+        image, _, mask, labels, _ = data[i]
+        image, labels = image[None].to(device), labels[None]
+        features = model.backbone(image)
+        aff = affinity(model.decoder(features.tokens[:, :, 1:], features.grid)[1])
+        for name, (refinement, par) in CAM_STEPS.items():
+            cams, pairs = model.cams(image, labels, features, aff, refinement)
+            pseudo = model.cam_labels(image, cams, pairs, par=par)[0].cpu()
+            out[name] += confusion_matrix(pseudo, mask, c)
+    return out
+
+
+def prediction_confusions(params, data: EvalDataset, num_classes: int) -> dict:
+    """Confusion matrices of the infer stage's PNGs against the masks of its split."""
+    out = {}
+    for name, variant in PREDICTIONS.items():
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+        for record in data.records:
+            if record.mask:
+                pred = load_mask(Path(params.infer.out) / variant / f"{record.image_id}.png")
+                conf += confusion_matrix(pred, load_mask(record.mask), num_classes)
+        out[name] = conf
+    return out
+
+
+def evaluate(params, model_path: str | Path) -> dict:
+    """Write the reports under ``evaluate.out``; returns the metrics."""
+    e, root = params.evaluate, params.dataset_dir
+    out = Path(e.out)
+    info = read_classes(root)
+    device = resolve_device(params.infer.device)
+    model = load_trained(params, model_path, device)
+    norm = params.clip.normalization
+    val = EvalDataset(root, params.infer.split, norm)
+    cams = cam_confusions(model, EvalDataset(root, params.train.split, norm), device, e.train_images)
+    preds = prediction_confusions(params, val, info.num_classes)
+
+    table = iou_table({**cams, **preds}, info.classes)
+    write_tables(table, out)
+    write_per_class_iou(table, out / "per_class_iou.csv")
+    write_confusion(preds["+ CRF"], info.classes, out / "confusion.csv")
+    miou = {name: round(100 * mean_iou(conf), 2) for name, conf in {**cams, **preds}.items()}
+    metrics = {"val": {"miou": miou["+ CRF"], "miou_no_crf": miou["+ multi-scale + flip"],
+                       "miou_single_scale": miou["prediction"]},
+               "train": {"pseudo_miou": miou["pseudo labels (RFM + PAR)"]},
+               "ablation": miou}
+    write_metrics(metrics, out / "metrics.json")
+    samples = []
+    for record in [r for r in val.records if r.mask][:e.qualitative]:
+        image = np.asarray(val[val.records.index(record)][1].permute(1, 2, 0), np.uint8)
+        pred = load_mask(Path(params.infer.out) / "crf" / f"{record.image_id}.png")
+        samples.append((image, load_mask(record.mask).numpy(), pred.numpy(), record.image_id))
+    if samples:
+        write_qualitative(samples, out / "qualitative.png")
+    return metrics

@@ -1,0 +1,241 @@
+"""Pretrain the small CLIP (weclip/model_configs) from scratch on the synthetic world.
+
+Contrastive image-caption training (open_clip's ClipLoss, InfoNCE both ways) on the world's
+'pretrain' split, which no later stage uses, so that CLIP never sees the val images. AdamW with
+linear warm-up and cosine decay; random resized crops and flips. Every random choice derives
+from (seed, step), so a run resumed from its checkpoint ends with the same weights as an
+uninterrupted one (for the same ``num_threads``). The result is a plain open_clip state dict as
+.safetensors, plus its zero-shot figures on the val split.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from pipeline.datasets.world import read_captions
+from weclip.dataset import load_image, load_mask, normalize, read_classes, read_manifest
+from weclip.model_configs import TINY_CLIP, register_model_configs
+
+WEIGHTS_FILE = "weights.safetensors"
+METRICS_FILE = "zero_shot.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def load_split(world_dir: str | Path, split: str) -> tuple[torch.Tensor, list[str], list]:
+    """All images of a split in memory: (uint8 [N, 3, S, S], captions [N], records [N])."""
+    records = read_manifest(world_dir, split)
+    if not records:
+        raise ValueError(f"{world_dir}: no images in split {split!r}")
+    captions = read_captions(world_dir)
+    images = torch.stack([load_image(r.image).to(torch.uint8) for r in records])
+    return images, [captions[r.image_id][0] for r in records], records
+
+
+def augment(images: torch.Tensor, generator: torch.Generator,
+            scale: tuple[float, float] = (0.7, 1.0)) -> torch.Tensor:
+    """Random resized crop (area fraction in ``scale``, aspect 3/4..4/3) and horizontal flip.
+
+    images: uint8 [B, 3, S, S] -> float [B, 3, S, S] on the 0-255 scale, same size.
+    """
+    b = images.shape[0]
+    area = torch.empty(b).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    # Crop width and height as fractions of the image.
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)
+    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(b)
+    theta = torch.stack([torch.stack([w * flip, zero, tx], 1), torch.stack([zero, h, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode="bilinear", align_corners=False)
+
+
+def learning_rate(step: int, steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
+    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW; as in CLIP, gains, biases, embeddings of rank 1 and the logit scale get no decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        exempt = p.ndim < 2 or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of step ``step``'s batch: epochs are seeded permutations, the last partial batch
+    of each is dropped."""
+    per_epoch = n // batch_size
+    epoch, offset = divmod(step, per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+@torch.no_grad()
+def encode_images(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
+    """uint8 [N, 3, S, S] -> unit image embeddings [N, E]."""
+    model.eval()
+    features = [model.encode_image(normalize(images[i:i + batch_size].float(), "clip"), normalize=True)
+                for i in range(0, len(images), batch_size)]
+    return torch.cat(features)
+
+
+@torch.no_grad()
+def encode_texts(model: torch.nn.Module, tokenizer, texts: list[str]) -> torch.Tensor:
+    """Texts [K] -> unit text embeddings [K, E]."""
+    model.eval()
+    return model.encode_text(tokenizer(texts), normalize=True)
+
+
+def average_precision(scores: np.ndarray, targets: np.ndarray) -> float:
+    """AP of one class: scores float [N], targets {0, 1} [N] (mean precision at each positive)."""
+    hits = targets[np.argsort(-scores, kind="stable")]
+    precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+    return float((precision * hits).sum() / max(hits.sum(), 1))
+
+
+def zero_shot(model: torch.nn.Module, tokenizer, world_dir: str | Path, split: str = "val") -> dict:
+    """Zero-shot figures of ``model`` on a world split, with the prompts of classes.json.
+
+    mAP: multi-label, mean over classes of the AP of image-prompt similarity.
+    top1_largest: the best prompt is the class of the image's largest visible object.
+    background_top1: among 'a photo of {background word}.', the best is the image's background.
+    """
+    info = read_classes(world_dir)
+    images, _, records = load_split(world_dir, split)
+    image_features = encode_images(model, images)
+    class_scores = (image_features @ encode_texts(model, tokenizer, info.prompts).T).numpy()
+    background_prompts = [f"a photo of {word}." for word in info.background]
+    background_scores = image_features @ encode_texts(model, tokenizer, background_prompts).T
+
+    targets = np.zeros_like(class_scores)
+    largest = np.zeros(len(records), dtype=np.int64)
+    for i, record in enumerate(records):
+        targets[i, [c - 1 for c in record.labels]] = 1
+        areas = torch.bincount(load_mask(record.mask).flatten(), minlength=256)[1:info.num_classes]
+        largest[i] = int(areas.argmax())
+    captions = read_captions(world_dir)
+    backgrounds = np.array([info.background.index(captions[r.image_id][1]) for r in records])
+    present = targets.sum(0) > 0
+    return {
+        "images": len(records),
+        "mAP": float(np.mean([average_precision(class_scores[:, c], targets[:, c])
+                              for c in np.flatnonzero(present)])),
+        "top1_largest": float((class_scores.argmax(1) == largest).mean()),
+        "background_top1": float((background_scores.argmax(1).numpy() == backgrounds).mean()),
+    }
+
+
+def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str = TINY_CLIP,
+                  steps: int = 2000, batch_size: int = 64, lr: float = 1e-3,
+                  weight_decay: float = 0.1, warmup_steps: int = 100, seed: int = 0,
+                  num_threads: int = 2, checkpoint_every: int = 100,
+                  eval_split: str = "val") -> dict:
+    """Pretrain ``model_name`` on ``world_dir``'s 'pretrain' split; write ``out_dir``/weights.safetensors
+    and ``out_dir``/zero_shot.json, and return the zero-shot figures plus this call's per-step
+    ``losses``. A checkpoint of the same settings in ``out_dir`` is resumed; it is removed once
+    the weights are written.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings = {"model_name": model_name, "steps": steps, "batch_size": batch_size, "lr": lr,
+                "weight_decay": weight_decay, "warmup_steps": warmup_steps, "seed": seed,
+                "world": str(Path(world_dir).resolve())}
+    torch.set_num_threads(num_threads)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        register_model_configs()
+        torch.manual_seed(seed)
+        model = open_clip.create_model(model_name)
+        tokenizer = open_clip.get_tokenizer(model_name)
+        optimizer = make_optimizer(model, lr, weight_decay)
+        start = _resume(out_dir / CHECKPOINT_FILE, settings, model, optimizer)
+
+        images, captions, _ = load_split(world_dir, "pretrain")
+        if len(images) < batch_size:
+            raise ValueError(f"{world_dir}: {len(images)} pretrain images, fewer than a batch of {batch_size}")
+        if images.shape[-1] != model.visual.image_size[0]:
+            raise ValueError(f"{world_dir}: images of {images.shape[-1]} px, {model_name} takes "
+                             f"{model.visual.image_size[0]} px")
+        tokens = tokenizer(captions)
+        loss_fn = open_clip.ClipLoss()
+        losses = []
+        progress = tqdm(range(start, steps), initial=start, total=steps, desc="pretrain CLIP")
+        for step in progress:
+            model.train()
+            step_lr = learning_rate(step, steps, warmup_steps, lr)
+            for group in optimizer.param_groups:
+                group["lr"] = step_lr
+            index = torch.from_numpy(batch_indices(step, len(images), batch_size, seed))
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+            batch = normalize(augment(images[index], generator), "clip")
+            image_features, text_features, logit_scale = model(batch, tokens[index])
+            loss = loss_fn(image_features, text_features, logit_scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            # CLIP caps the temperature at 100 to keep training stable.
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))
+            losses.append(loss.item())
+            progress.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{step_lr:.1e}")
+            if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+                _save_checkpoint(out_dir / CHECKPOINT_FILE, settings, model, optimizer, step + 1)
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+                  str(out_dir / WEIGHTS_FILE), metadata={"open_clip_model": model_name})
+        started = time.monotonic()
+        metrics = zero_shot(model, tokenizer, world_dir, eval_split)
+        print(f"zero-shot on {eval_split} ({time.monotonic() - started:.0f} s): "
+              + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "images"), flush=True)
+        (out_dir / METRICS_FILE).write_text(json.dumps(
+            {**metrics, **settings, "final_loss": losses[-1] if losses else None}, indent=2) + "\n")
+        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+        return {**metrics, "losses": losses}
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _resume(path: Path, settings: dict, model: torch.nn.Module,
+            optimizer: torch.optim.Optimizer) -> int:
+    """Load the checkpoint at ``path`` if there is one; return the step to continue from."""
+    if not path.exists():
+        return 0
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint["settings"] != settings:
+        raise ValueError(f"{path}: checkpoint of other settings {checkpoint['settings']}; "
+                         "delete it to start afresh")
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    print(f"resuming from step {checkpoint['step']}", flush=True)
+    return checkpoint["step"]
+
+
+def _save_checkpoint(path: Path, settings: dict, model: torch.nn.Module,
+                     optimizer: torch.optim.Optimizer, step: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"settings": settings, "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step}, tmp)
+    os.replace(tmp, path)
+
