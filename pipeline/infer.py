@@ -7,6 +7,8 @@ processes, one image each. An image whose ``crf/`` PNG exists is skipped, so a r
 """
 from __future__ import annotations
 
+import hashlib
+import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from weclip.dataset import EvalDataset, read_classes
 from weclip.inference import predict
 
 from .report import save_palette_png
+from .params import params_fingerprint
 from .train import build_model, resolve_device
 
 VARIANTS = ("single", "msf", "crf")
@@ -33,6 +36,11 @@ def load_trained(params, model_path: str | Path, device):
     return model.to(device).eval()
 
 
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
+
+
 def _crf_job(image: np.ndarray, probs: np.ndarray, crf: dict, path: Path) -> None:
     save_palette_png(dense_crf(image, probs, **crf).argmax(0).astype(np.uint8), path)
 
@@ -41,6 +49,13 @@ def infer(params, model_path: str | Path) -> Path:
     """Write the three predictions of every image of the split; returns the output folder."""
     p = params.infer
     out = Path(p.out)
+    # Predictions of another model or other settings must not be resumed from.
+    stamp = out / "fingerprint.txt"
+    fingerprint = f"{_file_digest(Path(model_path))} {params_fingerprint(params, ('data', 'clip', 'model', 'infer'))}"
+    if stamp.exists() and stamp.read_text() != fingerprint:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(fingerprint)
     for variant in VARIANTS:
         (out / variant).mkdir(parents=True, exist_ok=True)
     device = resolve_device(p.device)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,3 +166,10 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
             node = node.setdefault(part, {})
         node[key] = value
     return _build(Params, values, str(path))
+
+
+def params_fingerprint(params: Params, groups: tuple[str, ...]) -> str:
+    """A digest of the named groups: resumable outputs kept across runs (DVC `persist`) are
+    reused only by a run with the same settings."""
+    values = {g: dataclasses.asdict(getattr(params, g)) for g in groups}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]

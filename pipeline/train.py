@@ -22,7 +22,7 @@ from weclip.metrics import confusion_matrix, mean_iou
 from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
 
-from .params import Params
+from .params import Params, params_fingerprint
 
 LOSS_COLUMNS = ("iteration", "loss", "seg_loss", "aff_loss", "lr")
 EVAL_COLUMNS = ("iteration", "train_pseudo_miou", "val_miou")
@@ -134,8 +134,12 @@ def train(params: Params, on_eval=None) -> Path:
                      affinity_weight=t.affinity_weight, ignore_index=info.ignore_index, amp=t.amp)
 
     checkpoint, start = out / "checkpoint.pt", 0
-    if checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+    fingerprint = params_fingerprint(params, ("data", "clip", "model", "train"))
+    state = torch.load(checkpoint, map_location=device, weights_only=False) if checkpoint.exists() else None
+    if state is not None and state.get("fingerprint") != fingerprint:
+        print(f"{checkpoint}: made with other parameters; starting afresh", flush=True)
+        state = None
+    if state is not None:
         model.decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -173,7 +177,8 @@ def train(params: Params, on_eval=None) -> Path:
         if done % t.checkpoint_every == 0 or done == t.iters:
             atomic_save({"iteration": done, "decoder": model.decoder.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "torch_rng": torch.get_rng_state()}, checkpoint)
+                         "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint},
+                        checkpoint)
         if done % t.eval_every == 0 or done == t.iters:
             train_conf = score(model, evals[t.split], device, t.eval_images, prediction=False)
             val_conf = score(model, evals[t.val_split], device, t.eval_images, pseudo=False)

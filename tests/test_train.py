@@ -134,3 +134,10 @@ def test_evaluation_reports_every_step_of_the_method(toy_dataset, tiny_arch, tin
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["val"]["miou"] == metrics["val"]["miou"]
     for name in ("iou.csv", "iou.md", "per_class_iou.csv", "confusion.csv", "qualitative.png"):
         assert (tmp_path / "reports" / name).exists()
+
+
+def test_a_checkpoint_of_other_parameters_is_not_resumed(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    train(toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2))
+    train(toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=3, lr=1e-5))
+    assert [int(r["iteration"]) for r in read_rows(tmp_path / "run" / "losses.csv")] == [1, 2, 3]
+    assert float(read_rows(tmp_path / "run" / "losses.csv")[0]["lr"]) < 1e-4  # 1e-3 at the old rate
