@@ -14,10 +14,9 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
-# Until the DVC pipeline lands, the main job is the benchmark of the core package on a small
-# open_clip ViT with random weights.
+# The whole pipeline (dvc.yaml) on the parameters of params.yaml.
 repro: $(VENV)/.installed
-	$(VENV)/bin/weclip benchmark --arch ViT-S-16 --batch 2 --crop 224 --steps 3 --warmup 1 --infer-images 2 --device cpu
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest

@@ -4,6 +4,7 @@ Import this only after ``pipeline.prefect_env.configure()``: Prefect reads its s
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -28,6 +29,15 @@ def cache_flow(params: Params) -> str:
     from .cache import write_cache
     from .train import resolve_device
 
+    path = Path(params.cache.path)
+    skipped = path / "SKIPPED"
+    if params.train.features != "cache":
+        # dvc.yaml always has this stage; with online features it only leaves this note.
+        path.mkdir(parents=True, exist_ok=True)
+        skipped.write_text("train.features is 'online': no feature cache is needed\n")
+        return str(path)
+    if skipped.exists():
+        shutil.rmtree(path)
     backbone = FrozenCLIP.from_config(params.clip.arch, params.clip.weights)
     out = write_cache(backbone, params.dataset_dir, params.train.split, params.cache.path,
                       size=params.train.crop_size, normalization=params.clip.normalization,

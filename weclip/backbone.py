@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .model_configs import register_model_configs
+
 # Keys that OpenAI's TorchScript archives carry besides the weights.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
@@ -69,6 +71,7 @@ def create_clip(arch: str, weights: str | None = None) -> nn.Module:
     open_clip pretrained tag such as 'openai' (downloads through open_clip's hub code; set
     HF_HUB_OFFLINE=1 to use its cache without network).
     """
+    register_model_configs()
     if weights is None:
         return open_clip.create_model(arch)
     if Path(weights).suffix or Path(weights).exists():

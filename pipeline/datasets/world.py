@@ -53,7 +53,9 @@ BACKGROUNDS = (
     ("wood", ("on wood", "on a wooden table", "on wooden planks")),
 )
 
+# Templates without the background teach the text tower prompts such as 'a photo of an apple.'.
 CAPTION_TEMPLATES = (
+    "a photo of {objects}.",
     "a photo of {objects} {where}.",
     "{objects} {where}.",
     "an image of {objects} {where}.",
@@ -80,7 +82,8 @@ def class_info() -> ClassInfo:
     return ClassInfo(
         name="world",
         classes=[name for name, _ in CLASSES],
-        prompts=[f"a photo of {_article(name)}." for name, _ in CLASSES],
+        # Filled into a template such as 'a photo of {}.' (METHOD.md), like the background words.
+        prompts=[_article(name) for name, _ in CLASSES],
         background=[word for word, _ in BACKGROUNDS],
     )
 
@@ -265,8 +268,9 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, image_size: int = 128,
     records, captions = [], []
     start = time.monotonic()
     for split_index, split in enumerate(SPLITS):
-        (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
-        (out_dir / "masks" / split).mkdir(parents=True, exist_ok=True)
+        if counts[split]:
+            (out_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+            (out_dir / "masks" / split).mkdir(parents=True, exist_ok=True)
         for i in range(counts[split]):
             scene = draw_scene(np.random.default_rng([seed, split_index, i]), image_size)
             image_id = f"{split}_{i:05d}"

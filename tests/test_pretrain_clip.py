@@ -1,0 +1,106 @@
+"""The small CLIP: its open_clip config, and pretraining that learns, saves and resumes."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import pretrain_clip as pc
+from pipeline.datasets.world import generate_world
+from weclip.model_configs import TINY_CLIP, register_model_configs
+
+TINY_RUN = dict(steps=10, batch_size=16, warmup_steps=2, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return generate_world(tmp_path_factory.mktemp("world"), seed=0, n_pretrain=32, n_train=0, n_val=8)
+
+
+@pytest.fixture(scope="module")
+def run(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    return out, pc.pretrain_clip(world, out, **TINY_RUN)
+
+
+def _reload(path):
+    register_model_configs()
+    model = open_clip.create_model(TINY_CLIP)
+    model.load_state_dict(load_file(str(path)))  # strict: every key present, none extra
+    return model.eval()
+
+
+def test_config_is_an_open_clip_vit_with_a_16x16_grid_and_a_class_token():
+    register_model_configs()
+    model = open_clip.create_model(TINY_CLIP)
+    visual = model.visual
+    assert isinstance(visual, open_clip.transformer.VisionTransformer)
+    assert visual.grid_size == (16, 16)
+    assert visual.positional_embedding.shape[0] == 16 * 16 + 1
+    assert visual.pool_type == "avg"
+    tokens = open_clip.get_tokenizer(TINY_CLIP)(["a photo of a red apple on grass."])
+    with torch.no_grad():
+        image = model.encode_image(torch.zeros(2, 3, 128, 128))
+        text = model.encode_text(tokens)
+    assert image.shape == (2, 128) and text.shape == (1, 128) and tokens.shape == (1, 32)
+
+
+def test_pretraining_lowers_the_loss(run):
+    _, result = run
+    losses = result["losses"]
+    assert len(losses) == TINY_RUN["steps"]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+
+
+def test_saved_weights_load_into_open_clip_and_reproduce_the_figures(run, world):
+    out, result = run
+    assert not (out / pc.CHECKPOINT_FILE).exists(), "the checkpoint goes once weights are written"
+    model = _reload(out / pc.WEIGHTS_FILE)
+    figures = pc.zero_shot(model, open_clip.get_tokenizer(TINY_CLIP), world)
+    assert figures == {k: v for k, v in result.items() if k != "losses"}
+    assert 0 <= figures["mAP"] <= 1 and figures["images"] == 8
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(run, world, tmp_path, monkeypatch):
+    out, _ = run
+    save = pc._save_checkpoint
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pc, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pc.pretrain_clip(world, tmp_path, checkpoint_every=4, **TINY_RUN)
+    monkeypatch.undo()
+    resumed = pc.pretrain_clip(world, tmp_path, checkpoint_every=4, **TINY_RUN)
+    assert len(resumed["losses"]) == TINY_RUN["steps"] - 4
+    expected, got = load_file(str(out / pc.WEIGHTS_FILE)), load_file(str(tmp_path / pc.WEIGHTS_FILE))
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero():
+    rates = [pc.learning_rate(s, 100, 10, 1e-3) for s in range(101)]
+    assert rates[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(rates[:9], rates[1:10]))
+    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
+    assert rates[100] == pytest.approx(0)
+
+
+def test_average_precision():
+    assert pc.average_precision(np.array([0.9, 0.8, 0.1]), np.array([1, 1, 0])) == 1.0
+    assert pc.average_precision(np.array([0.9, 0.8, 0.1]), np.array([0, 1, 1])) == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_augment_is_a_function_of_the_generator_and_keeps_size_and_range():
+    images = torch.randint(0, 256, (4, 3, 128, 128), dtype=torch.uint8)
+    out = pc.augment(images, torch.Generator().manual_seed(0))
+    assert out.shape == (4, 3, 128, 128) and out.dtype == torch.float32
+    assert out.min() >= 0 and out.max() <= 255
+    assert torch.equal(out, pc.augment(images, torch.Generator().manual_seed(0)))
+    assert not torch.equal(out, pc.augment(images, torch.Generator().manual_seed(1)))
