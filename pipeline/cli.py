@@ -85,6 +85,29 @@ def evaluate(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
     typer.echo(_run("evaluate_flow", _load(params, set_), tag))
 
 
+@app.command("pretrain-clip")
+def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.safetensors"),
+                                           help="where the weights go"),
+                  seed: int = 0, n_pretrain: int = 10000, n_val: int = 500, steps: int = 900,
+                  batch_size: int = 64, threads: int = 2,
+                  work: Path = typer.Option(Path("data/clip"), help="world and checkpoints")):
+    """Pretrain the embedded world's small CLIP from scratch (about 15 min on 2 CPU cores)."""
+    import shutil
+
+    from .datasets.world import generate_world
+    from .pretrain_clip import WEIGHTS_FILE, pretrain_clip as run
+
+    world = work / "world"
+    if not (world / "manifest.csv").exists():
+        generate_world(world, seed=seed, n_pretrain=n_pretrain, n_train=0, n_val=n_val)
+    metrics = run(world, work, seed=seed, steps=steps, batch_size=batch_size, num_threads=threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(work / WEIGHTS_FILE, out.with_name(out.name + ".tmp"))
+    (out.with_name(out.name + ".tmp")).replace(out)
+    metrics.pop("losses")
+    typer.echo(f"{out}: zero-shot {metrics}")
+
+
 @app.command()
 def benchmark(arch: str = "ViT-B-16", batch: int = 4, crop: int = 320,
               device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)"),

@@ -54,12 +54,14 @@ def train_flow(params: Params) -> str:
                                         description="iterations done, percent")
     rows = []
 
+    def on_log(iteration, row):
+        update_progress_artifact(artifact_id=progress, progress=100 * iteration / params.train.iters)
+
     def on_eval(iteration, row):
         rows.append(row)
-        update_progress_artifact(progress_id=progress, progress=100 * iteration / params.train.iters)
         get_run_logger().info("iteration %d: %s", iteration, row)
 
-    model = train(params, on_eval=on_eval)
+    model = train(params, on_log=on_log, on_eval=on_eval)
     create_table_artifact(key="train-evaluation", table=rows,
                           description="pseudo-label mIoU (train) and segmentation mIoU (val)")
     return str(model)

@@ -115,10 +115,11 @@ def _append_csv(path: Path, columns, row: dict) -> None:
         csv.DictWriter(f, columns).writerow(row)
 
 
-def train(params: Params, on_eval=None) -> Path:
+def train(params: Params, on_log=None, on_eval=None) -> Path:
     """Train WeCLIP as ``params`` say; resume from ``train.out``/checkpoint.pt when present.
 
-    ``on_eval(iteration, row)`` is called after each periodic evaluation. Returns model.pt.
+    ``on_log(iteration, losses)`` and ``on_eval(iteration, mious)`` are called after each
+    logged iteration and each periodic evaluation. Returns the path of model.pt.
     """
     t = params.train
     out = Path(t.out)
@@ -174,6 +175,8 @@ def train(params: Params, on_eval=None) -> Path:
             _append_csv(out / "losses.csv", LOSS_COLUMNS,
                         {"iteration": done, **row, "lr": optimizer.param_groups[0]["lr"]})
             bar.set_postfix(loss=f"{row['loss']:.3f}")
+            if on_log:
+                on_log(done, row)
         if done % t.checkpoint_every == 0 or done == t.iters:
             atomic_save({"iteration": done, "decoder": model.decoder.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -1,0 +1,57 @@
+"""The `weclip` commands run each stage as a completed Prefect flow, on params.yaml."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+@pytest.fixture(scope="module")
+def prefect_server():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
+def test_stages_run_as_completed_prefect_flows(prefect_server, tmp_path):
+    """Each stage in its own process, as `dvc repro` runs them, reporting to one server."""
+    from prefect.settings import PREFECT_API_URL
+
+    params = {
+        "data": {"dataset": "world", "world": {"image_size": 64, "n_pretrain": 0, "n_train": 4,
+                                               "n_val": 2}},
+        "clip": {"arch": "ViT-Tiny-8-128", "weights": None},
+        "model": {"decoder_dim": 32, "par_iters": 2},
+        "train": {"iters": 2, "rfm_start": 1, "batch_size": 2, "crop_size": 64, "workers": 0,
+                  "log_every": 1, "checkpoint_every": 1, "eval_every": 2, "eval_images": 2},
+        "infer": {"long_side": 64, "workers": 1},
+        "evaluate": {"train_images": 2, "qualitative": 1},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    for stage in ("prepare", "cache", "train", "infer", "evaluate"):
+        result = subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "--tag", "test"],
+                                cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 0, (stage, result.stdout[-2000:], result.stderr[-2000:])
+    assert "miou" in json.loads((tmp_path / "reports" / "metrics.json").read_text())["val"]
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs()
+        names = {client.read_flow(r.flow_id).name: r.state.type.value for r in runs}
+    assert names == {s: "COMPLETED" for s in ("prepare", "cache", "train", "infer", "evaluate")}
+    assert all("test" in r.tags and any(t.startswith("stage:") for t in r.tags) for r in runs)
+
+
+def test_a_bad_override_names_the_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["train", "-S", "train.iterations=3"])
+    assert result.exit_code != 0
+    assert "iterations" in str(result.exception)
