@@ -85,6 +85,22 @@ def evaluate(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
     typer.echo(_run("evaluate_flow", _load(params, set_), tag))
 
 
+@app.command()
+def predict(images: list[Path] = typer.Argument(..., help="image files to segment"),
+            out: Path = typer.Option(Path("predictions"), help="folder for the PNGs"),
+            model: Optional[Path] = typer.Option(None, help="model.pt (default: train.out's)"),
+            params: Path = ParamsOption, set_: Optional[list[str]] = SetOption):
+    """Segment images outside any dataset: a palette mask and an overlay PNG per image."""
+    from .infer import predict_files
+
+    p = _load(params, set_)
+    model = model or Path(p.train.out) / "model.pt"
+    if not model.exists():
+        raise typer.BadParameter(f"{model}: no trained model (run `weclip train` or pass --model)")
+    for path in predict_files(p, model, images, out):
+        typer.echo(path)
+
+
 @app.command("pretrain-clip")
 def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.safetensors"),
                                            help="where the weights go"),

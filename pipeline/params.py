@@ -111,6 +111,7 @@ class InferParams:
     crf: CRFParams = field(default_factory=CRFParams)
     workers: int = 2
     device: str = "auto"
+    export_pseudo: bool = True  # also write the train split's pseudo labels as PNGs
     out: str = "runs/infer"
 
 

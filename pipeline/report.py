@@ -224,6 +224,12 @@ def save_palette_png(mask: np.ndarray | torch.Tensor, path: str | Path) -> Path:
     return _write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
+def write_image(image: np.ndarray, path: str | Path) -> Path:
+    """Save an RGB uint8 [H, W, 3] image as PNG, atomically."""
+    picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
+    return _write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
 def write_qualitative(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
                       out_path: str | Path, cell: int = 256) -> Path:
     """Write one PNG grid of (image uint8 [H, W, 3], truth [H, W], prediction [H, W], image_id).

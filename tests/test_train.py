@@ -112,6 +112,8 @@ def test_inference_writes_three_variants_and_resumes(toy_dataset, tiny_arch, tin
         masks = sorted((out / variant).glob("*.png"))
         assert [m.stem for m in masks] == ["6", "7"]
         assert np.asarray(Image.open(masks[0])).shape == (64, 64)
+    pseudo = sorted((out / "pseudo").glob("*.png"))
+    assert [m.stem for m in pseudo] == ["0", "1", "2", "3", "4", "5"]  # the train split's
     first = (out / "crf" / "6.png").stat().st_mtime_ns
     (out / "crf" / "7.png").unlink()
     infer(params, model)
@@ -141,3 +143,19 @@ def test_a_checkpoint_of_other_parameters_is_not_resumed(toy_dataset, tiny_arch,
     train(toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=3, lr=1e-5))
     assert [int(r["iteration"]) for r in read_rows(tmp_path / "run" / "losses.csv")] == [1, 2, 3]
     assert float(read_rows(tmp_path / "run" / "losses.csv")[0]["lr"]) < 1e-4  # 1e-3 at the old rate
+
+
+def test_predict_segments_loose_files_and_names_unreadable_ones(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    from pipeline.infer import predict_files
+
+    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=1)
+    model = train(params)
+    params.infer.long_side = 64
+    image = toy_dataset / "prepared" / "toy" / "6.png"
+    written = predict_files(params, model, [image], tmp_path / "out")
+    assert [p.name for p in written] == ["6.png"]
+    assert Image.open(tmp_path / "out" / "6_overlay.png").size == (64, 64)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        predict_files(params, model, [broken], tmp_path / "out")
