@@ -59,8 +59,8 @@ def prediction_confusions(params, data: EvalDataset, num_classes: int) -> dict:
     return out
 
 
-def evaluate(params, model_path: str | Path) -> dict:
-    """Write the reports under ``evaluate.out``; returns the metrics."""
+def evaluate(params, model_path: str | Path):
+    """Write the reports under ``evaluate.out``; returns (metrics, per-class IoU table)."""
     e, root = params.evaluate, params.dataset_dir
     out = Path(e.out)
     info = read_classes(root)
@@ -88,4 +88,4 @@ def evaluate(params, model_path: str | Path) -> dict:
         samples.append((image, load_mask(record.mask).numpy(), pred.numpy(), record.image_id))
     if samples:
         write_qualitative(samples, out / "qualitative.png")
-    return metrics
+    return metrics, table

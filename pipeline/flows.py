@@ -78,7 +78,8 @@ def infer_flow(params: Params) -> str:
 def evaluate_flow(params: Params) -> dict:
     from .evaluate import evaluate
 
-    metrics = evaluate(params, Path(params.train.out) / "model.pt")
-    table = [{"step": name, "mIoU": value} for name, value in metrics["ablation"].items()]
-    create_table_artifact(key="miou", table=table, description="mIoU of each step (percent)")
+    metrics, table = evaluate(params, Path(params.train.out) / "model.pt")
+    rows = table.reset_index().astype(object).where(table.reset_index().notna(), None)
+    create_table_artifact(key="iou", table=rows.to_dict("records"),
+                          description="IoU per class of every step of the method (percent)")
     return metrics

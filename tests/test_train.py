@@ -131,7 +131,8 @@ def test_evaluation_reports_every_step_of_the_method(toy_dataset, tiny_arch, tin
     params.infer.out, params.infer.long_side, params.infer.workers = str(tmp_path / "infer"), 64, 1
     params.evaluate.out, params.evaluate.qualitative = str(tmp_path / "reports"), 2
     infer(params, model)
-    metrics = evaluate(params, model)
+    metrics, table = evaluate(params, model)
+    assert list(table.index)[-1] == "mIoU"
     assert set(metrics["ablation"]) == set(CAM_STEPS) | set(PREDICTIONS)
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["val"]["miou"] == metrics["val"]["miou"]
     for name in ("iou.csv", "iou.md", "per_class_iou.csv", "confusion.csv", "qualitative.png"):
