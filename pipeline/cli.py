@@ -71,6 +71,13 @@ def train(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
     typer.echo(_run("train_flow", _load(params, set_), tag))
 
 
+@app.command("upper-bound")
+def upper_bound(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+                tag: Optional[list[str]] = TagOption):
+    """Train the same decoder on ground-truth masks (if `upper_bound.enabled`), for context."""
+    typer.echo(_run("upper_bound_flow", _load(params, set_), tag))
+
+
 @app.command()
 def infer(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
           tag: Optional[list[str]] = TagOption):

@@ -3,7 +3,8 @@
 The ablation runs on the train split, where pseudo labels are made: the initial Grad-CAM, the
 statically refined CAM, the RFM-refined CAM (each as background = 1 - max, argmax, no PAR), and
 the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
-single scale, multi-scale + flip, and with DenseCRF (the final result).
+single scale, multi-scale + flip, and with DenseCRF (the final result); with
+``upper_bound.enabled``, also the single-scale prediction of the decoder trained on masks.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from weclip.metrics import confusion_matrix, mean_iou
 from .infer import load_trained
 from .report import (iou_table, write_confusion, write_metrics, write_per_class_iou,
                      write_qualitative, write_tables)
-from .train import resolve_device
+from .train import resolve_device, score
 
 CAM_STEPS = {"initial CAM": ("none", False), "static CAM": ("static", False),
              "RFM CAM": ("rfm", False), "pseudo labels (RFM + PAR)": ("rfm", True)}
@@ -70,6 +71,9 @@ def evaluate(params, model_path: str | Path):
     val = EvalDataset(root, params.infer.split, norm)
     cams = cam_confusions(model, EvalDataset(root, params.train.split, norm), device, e.train_images)
     preds = prediction_confusions(params, val, info.num_classes)
+    if params.upper_bound.enabled:
+        bound = load_trained(params, Path(params.upper_bound.out) / "model.pt", device)
+        preds["fully supervised"] = score(bound, val, device, pseudo=False)["prediction"]
 
     table = iou_table({**cams, **preds}, info.classes)
     write_tables(table, out)

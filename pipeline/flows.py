@@ -67,6 +67,26 @@ def train_flow(params: Params) -> str:
     return str(model)
 
 
+@flow(name="upper-bound", log_prints=True)
+def upper_bound_flow(params: Params) -> str:
+    """The decoder trained on ground-truth masks, when ``upper_bound.enabled``."""
+    from dataclasses import replace
+
+    from .train import train
+
+    out = Path(params.upper_bound.out)
+    skipped = out / "SKIPPED"
+    if not params.upper_bound.enabled:
+        # dvc.yaml always has this stage; disabled, it only leaves this note.
+        out.mkdir(parents=True, exist_ok=True)
+        skipped.write_text("upper_bound.enabled is false: no fully supervised model\n")
+        return str(out)
+    skipped.unlink(missing_ok=True)
+    supervised = replace(params, train=replace(params.train, supervision="masks",
+                                               features="online", out=str(out)))
+    return str(train(supervised))
+
+
 @flow(name="infer", log_prints=True)
 def infer_flow(params: Params) -> str:
     from .infer import infer

@@ -67,6 +67,7 @@ class TrainParams:
     split: str = "train"
     val_split: str = "val"
     features: str = "online"  # online | cache
+    supervision: str = "pseudo"  # pseudo | masks (ground truth: the fully supervised bound)
     device: str = "auto"
     amp: bool = False
     seed: int = 1
@@ -123,6 +124,13 @@ class EvaluateParams:
 
 
 @dataclass
+class UpperBoundParams:
+    """The same decoder trained on ground-truth masks, for context (datasets with masks)."""
+    enabled: bool = False
+    out: str = "runs/upper_bound"
+
+
+@dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
     clip: ClipParams = field(default_factory=ClipParams)
@@ -131,6 +139,7 @@ class Params:
     train: TrainParams = field(default_factory=TrainParams)
     infer: InferParams = field(default_factory=InferParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    upper_bound: UpperBoundParams = field(default_factory=UpperBoundParams)
 
     @property
     def dataset_dir(self) -> Path:

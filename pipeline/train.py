@@ -149,17 +149,21 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
     for name, columns in (("losses.csv", LOSS_COLUMNS), ("eval.csv", EVAL_COLUMNS)):
         _trim_csv(out / name, columns, keep_below=start + 1)
 
+    supervised = t.supervision == "masks"
+    if t.supervision not in ("pseudo", "masks"):
+        raise ValueError(f"train.supervision: {t.supervision!r} is neither 'pseudo' nor 'masks'")
     if t.features == "online":
         data = TrainDataset(root, t.split, t.crop_size, t.scale_range, params.clip.normalization,
-                            t.seed)
+                            t.seed, with_masks=supervised)
         batches = _batches(data, t.batch_size, t.seed, start, t.workers)
-    elif t.features == "cache":
+    elif t.features == "cache" and not supervised:
         from .cache import CachedFeatures
 
         data = CachedFeatures(params.cache.path, model.backbone)
         batches = _batches(data, t.batch_size, t.seed, start, t.workers, data.collate)
     else:
-        raise ValueError(f"train.features: {t.features!r} is neither 'online' nor 'cache'")
+        raise ValueError(f"train.features: {t.features!r} with supervision {t.supervision!r}: "
+                         "use 'online' (the cache holds no masks) or 'cache' with pseudo labels")
     if len(data) < t.batch_size:
         raise ValueError(f"{root}: split {t.split!r} has {len(data)} images, fewer than a batch")
     evals = {s: EvalDataset(root, s, params.clip.normalization) for s in (t.split, t.val_split)}
@@ -167,8 +171,9 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
     bar = tqdm(range(start, t.iters), initial=start, total=t.iters, desc="train", unit="it")
     for it, (images, labels, extra) in zip(bar, batches):
         features = _to(extra, device) if t.features == "cache" else None
+        masks = extra.to(device) if supervised else None
         result = step(images.to(device, non_blocking=True), labels, features=features,
-                      refinement="rfm" if it >= t.rfm_start else "static")
+                      masks=masks, refinement="rfm" if it >= t.rfm_start else "static")
         done = it + 1
         if done % t.log_every == 0 or done == t.iters:
             row = {k: float(result[k]) for k in ("loss", "seg_loss", "aff_loss")}
@@ -183,11 +188,11 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
                          "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint},
                         checkpoint)
         if done % t.eval_every == 0 or done == t.iters:
-            train_conf = score(model, evals[t.split], device, t.eval_images, prediction=False)
             val_conf = score(model, evals[t.val_split], device, t.eval_images, pseudo=False)
-            row = {"iteration": done,
-                   "train_pseudo_miou": round(100 * mean_iou(train_conf["pseudo"]), 2),
-                   "val_miou": round(100 * mean_iou(val_conf["prediction"]), 2)}
+            row = {"iteration": done, "val_miou": round(100 * mean_iou(val_conf["prediction"]), 2)}
+            if not supervised:  # a model trained on masks makes no pseudo labels
+                train_conf = score(model, evals[t.split], device, t.eval_images, prediction=False)
+                row["train_pseudo_miou"] = round(100 * mean_iou(train_conf["pseudo"]), 2)
             _append_csv(out / "eval.csv", EVAL_COLUMNS, row)
             if on_eval:
                 on_eval(done, row)

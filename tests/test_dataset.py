@@ -53,6 +53,16 @@ def test_eval_items_keep_the_whole_image_and_mask(dataset):
     assert torch.allclose(normalize(raw), image)
 
 
+def test_masks_follow_their_image_through_the_augmentation():
+    image = torch.full((3, 8, 8), 10.0)
+    image[:, :, 5:] = 200.0
+    mask = (image[0] == 200).long()
+    for seed in range(4):
+        crop, cropped = random_rescale_flip_crop(image, (1.0, 1.0), 12, random.Random(seed), mask)
+        assert torch.equal(cropped == 1, crop[0] == 200) and torch.equal(cropped == 0, crop[0] == 10)
+        assert torch.equal(cropped == 255, crop[0] == 0)  # the canvas is ignored
+
+
 def test_small_images_land_on_a_zero_canvas():
     image = torch.full((3, 10, 10), 200.0)
     crop = random_rescale_flip_crop(image, (1.0, 1.0), 32, random.Random(0))

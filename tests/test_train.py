@@ -160,3 +160,17 @@ def test_predict_segments_loose_files_and_names_unreadable_ones(toy_dataset, tin
     broken.write_bytes(b"not an image")
     with pytest.raises(ValueError, match="broken.jpg"):
         predict_files(params, model, [broken], tmp_path / "out")
+
+
+def test_the_upper_bound_trains_on_masks_without_the_cam_branch(
+        toy_dataset, tiny_arch, tiny_clip_weights, tmp_path, monkeypatch):
+    import weclip.model
+
+    def fail(*args, **kwargs):
+        raise AssertionError("CAM computed for a fully supervised step")
+
+    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2,
+                        supervision="masks", eval_every=100)
+    monkeypatch.setattr(weclip.model, "grad_cam", fail)
+    train(params)
+    assert len(read_rows(tmp_path / "run" / "losses.csv")) == 2

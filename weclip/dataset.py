@@ -155,37 +155,55 @@ def multi_hot(labels: list[int], num_foreground: int) -> torch.Tensor:
 
 
 def random_rescale_flip_crop(image: torch.Tensor, scale_range: tuple[float, float],
-                             crop_size: int, rng: random.Random) -> torch.Tensor:
+                             crop_size: int, rng: random.Random, mask: torch.Tensor | None = None,
+                             ignore_index: int = 255):
     """METHOD.md section 1 augmentation of a [3, H, W] 0-255 image -> [3, crop, crop].
 
     Rescale by a factor drawn from ``scale_range`` (bilinear), flip with p = 0.5, then a random
     crop; where the image is smaller than the crop it lands at a random offset on a zero canvas.
+    A ``mask`` [H, W] (fully supervised training only) follows the image (nearest, canvas
+    ``ignore_index``) and is returned with it.
     """
     scale = rng.uniform(*scale_range)
     h, w = image.shape[-2:]
     size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
     image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    if rng.random() < 0.5:
-        image = image.flip(-1)
+    layers = [(image, 0)]
+    if mask is not None:
+        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0].long()
+        layers.append((mask, ignore_index))
+    flip = rng.random() < 0.5
     h, w = size
-    canvas = image.new_zeros(3, max(h, crop_size), max(w, crop_size))
-    top, left = rng.randint(0, canvas.shape[1] - h), rng.randint(0, canvas.shape[2] - w)
-    canvas[:, top:top + h, left:left + w] = image
-    y, x = rng.randint(0, canvas.shape[1] - crop_size), rng.randint(0, canvas.shape[2] - crop_size)
-    return canvas[:, y:y + crop_size, x:x + crop_size]
+    ch, cw = max(h, crop_size), max(w, crop_size)
+    top, left = rng.randint(0, ch - h), rng.randint(0, cw - w)
+    y, x = rng.randint(0, ch - crop_size), rng.randint(0, cw - crop_size)
+    out = []
+    for layer, fill in layers:
+        canvas = layer.new_full((layer.shape[0], ch, cw), fill)
+        canvas[:, top:top + h, left:left + w] = layer.flip(-1) if flip else layer
+        out.append(canvas[:, y:y + crop_size, x:x + crop_size])
+    return out[0] if mask is None else (out[0], out[1][0])
 
 
 class TrainDataset(torch.utils.data.Dataset):
-    """Augmented crops with image-level labels: (image [3, crop, crop] normalised, labels [C], index)."""
+    """Augmented crops with image-level labels: (image [3, crop, crop] normalised, labels [C], index).
+
+    With ``with_masks`` (the fully supervised upper bound) items are (image, labels, mask
+    [crop, crop]), the mask cropped with the image.
+    """
 
     def __init__(self, root: str | Path, split: str = "train", crop_size: int = 320,
                  scale_range: tuple[float, float] = (0.5, 2.0), normalization: str = "imagenet",
-                 seed: int = 1):
+                 seed: int = 1, with_masks: bool = False):
         self.info = read_classes(root)
         self.records = read_manifest(root, split)
         self.crop_size, self.scale_range = crop_size, tuple(scale_range)
-        self.normalization, self.seed = normalization, seed
+        self.normalization, self.seed, self.with_masks = normalization, seed, with_masks
         self.epoch = 0
+        missing = [r.image_id for r in self.records if with_masks and r.mask is None]
+        if missing:
+            raise ValueError(f"{root}: fully supervised training needs masks; "
+                             f"{len(missing)} images of {split!r} have none, e.g. {missing[0]}")
 
     def __len__(self) -> int:
         return len(self.records)
@@ -194,9 +212,14 @@ class TrainDataset(torch.utils.data.Dataset):
         record = self.records[index]
         # Seeded per (epoch, index) so that a resumed run sees the same crops.
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+        labels = multi_hot(record.labels, len(self.info.classes))
+        if self.with_masks:
+            image, mask = random_rescale_flip_crop(
+                load_image(record.image), self.scale_range, self.crop_size, rng,
+                load_mask(record.mask), self.info.ignore_index)
+            return normalize(image, self.normalization), labels, mask
         image = random_rescale_flip_crop(load_image(record.image), self.scale_range,
                                          self.crop_size, rng)
-        labels = multi_hot(record.labels, len(self.info.classes))
         return normalize(image, self.normalization), labels, index
 
 

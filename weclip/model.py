@@ -60,17 +60,21 @@ class WeCLIP(nn.Module):
         return self.decoder.classifier.out_channels
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-                refinement: str = "rfm", features: BackboneFeatures | None = None) -> WeCLIPOutput:
+                refinement: str = "rfm", features: BackboneFeatures | None = None,
+                masks: torch.Tensor | None = None) -> WeCLIPOutput:
         """images: [B, 3, H, W] normalised; labels: [B, C] multi-hot foreground classes.
 
         Without labels only the decoder runs. ``features`` skips the backbone (cached tokens).
-        ``refinement`` picks the CAM refinement: 'rfm', 'static' or 'none'.
+        ``refinement`` picks the CAM refinement: 'rfm', 'static' or 'none'. ``masks``
+        [B, H, W], ground truth, replace the pseudo labels: the fully supervised upper bound.
         """
         features = features if features is not None else self.backbone(images)
         logits, fused = self.decoder(features.tokens[:, :, 1:], features.grid)
-        if labels is None:
+        if labels is None and masks is None:
             return WeCLIPOutput(logits)
         aff = affinity(fused)
+        if masks is not None:
+            return WeCLIPOutput(logits, masks, aff)
         cams, pairs = self.cams(images, labels, features, aff, refinement)
         return WeCLIPOutput(logits, self.cam_labels(images, cams, pairs), aff)
 

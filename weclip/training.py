@@ -29,13 +29,14 @@ class TrainStep:
         return self._masks[grid]
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, *, refinement: str = "rfm",
-                 features=None) -> dict[str, torch.Tensor]:
-        """images [B, 3, H, W] normalised on the model's device; labels [B, C] (CPU is best)."""
+                 features=None, masks: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """images [B, 3, H, W] normalised on the model's device; labels [B, C] (CPU is best);
+        ``masks`` [B, H, W]: train on ground truth instead of pseudo labels."""
         self.model.train()
         autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16) if self.amp
                     else contextlib.nullcontext())
         with autocast:
-            out = self.model(images, labels, refinement=refinement, features=features)
+            out = self.model(images, labels, refinement=refinement, features=features, masks=masks)
             logits = F.interpolate(out.logits.float(), size=out.pseudo.shape[-2:],
                                    mode="bilinear", align_corners=False)
             seg = seg_loss(logits, out.pseudo, self.ignore_index)
