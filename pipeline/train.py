@@ -88,8 +88,12 @@ def _batches(data, batch_size: int, seed: int, start: int, workers: int, collate
         batches = order[:per_epoch * batch_size].view(per_epoch, batch_size).tolist()[skip:]
         skip = 0
         data.epoch = epoch  # TrainDataset seeds its augmentation with it
+        # Workers forked from a process running Prefect's threads die at start; forkserver
+        # workers start from a clean process.
+        context = "forkserver" if workers else None
         yield from torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
-                                               generator=generator, collate_fn=collate)
+                                               generator=generator, collate_fn=collate,
+                                               multiprocessing_context=context)
 
 
 def _to(features: BackboneFeatures, device) -> BackboneFeatures:
