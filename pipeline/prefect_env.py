@@ -7,6 +7,7 @@ database under ``PREFECT_HOME`` (``.prefect/`` in the working directory by defau
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 DEFAULTS = {
@@ -21,4 +22,7 @@ def configure() -> None:
     """Set the defaults above (and PREFECT_HOME) unless the environment already has them."""
     for key, value in DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not sys.stderr.isatty():
+        # Progress bars written to a log (dvc repro, CI) update every 10 s, not every step.
+        os.environ.setdefault("TQDM_MININTERVAL", "10")
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
