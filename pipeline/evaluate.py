@@ -5,6 +5,8 @@ statically refined CAM, the RFM-refined CAM (each as background = 1 - max, argma
 the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
 single scale, multi-scale + flip, and with DenseCRF (the final result); with
 ``upper_bound.enabled``, also the single-scale prediction of the decoder trained on masks.
+``attention`` in metrics.json says how much of the backbone's attention stays within objects,
+which is what the static and RFM refinements rely on.
 """
 from __future__ import annotations
 
@@ -12,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from weclip.dataset import EvalDataset, load_mask, read_classes
 from weclip.decoder import affinity
 from weclip.metrics import confusion_matrix, mean_iou
+from weclip.refine import select_attention, static_attention, transition_matrix
 
 from .infer import load_trained
 from .report import (iou_table, write_confusion, write_metrics, write_per_class_iou,
@@ -47,6 +51,39 @@ def cam_confusions(model, data: EvalDataset, device, limit: int | None = None) -
     return out
 
 
+@torch.no_grad()
+def attention_agreement(model, data: EvalDataset, device, limit: int | None = None) -> dict:
+    """How much attention stays within an object: for foreground patches, the share of their
+    attention (rows normalised) that falls on patches of their own ground-truth class, per
+    block, for the static and RFM transition matrices, and for uniform attention ('uniform').
+
+    Refinement can only help where the walks keep more than the uniform share.
+    """
+    model.eval()
+    totals, count = {}, 0
+    for i in [i for i, r in enumerate(data.records) if r.mask][:limit]:
+        image, _, mask, _, _ = data[i]
+        features = model.backbone(image[None].to(device))
+        h, w = features.grid
+        cells = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest").flatten().long()
+        foreground = (cells > 0) & (cells != data.info.ignore_index)
+        if not foreground.any():
+            continue
+        same = (cells[:, None] == cells[None]).float().to(device)
+        attn = features.attn[:, :, 1:, 1:].float()
+        aff = affinity(model.decoder(features.tokens[:, :, 1:], features.grid)[1])
+        rfm, _ = select_attention(attn, aff, model.rfm_layers, model.rfm_signed)
+        maps = {f"block {b + 1}": attn[0, b] for b in range(attn.shape[1])}
+        maps["static walk"] = transition_matrix(static_attention(attn, model.static_layers))[0]
+        maps["RFM walk"] = transition_matrix(rfm)[0]
+        maps["uniform"] = torch.ones_like(same)
+        for name, m in maps.items():
+            share = ((m / m.sum(-1, keepdim=True)) * same).sum(-1)[foreground.to(device)].mean()
+            totals[name] = totals.get(name, 0.0) + float(share)
+        count += 1
+    return {name: round(100 * total / max(count, 1), 1) for name, total in totals.items()}
+
+
 def prediction_confusions(params, data: EvalDataset, num_classes: int) -> dict:
     """Confusion matrices of the infer stage's PNGs against the masks of its split."""
     out = {}
@@ -69,7 +106,8 @@ def evaluate(params, model_path: str | Path):
     model = load_trained(params, model_path, device)
     norm = params.clip.normalization
     val = EvalDataset(root, params.infer.split, norm)
-    cams = cam_confusions(model, EvalDataset(root, params.train.split, norm), device, e.train_images)
+    train_data = EvalDataset(root, params.train.split, norm)
+    cams = cam_confusions(model, train_data, device, e.train_images)
     preds = prediction_confusions(params, val, info.num_classes)
     if params.upper_bound.enabled:
         bound = load_trained(params, Path(params.upper_bound.out) / "model.pt", device)
@@ -83,7 +121,8 @@ def evaluate(params, model_path: str | Path):
     metrics = {"val": {"miou": miou["+ CRF"], "miou_no_crf": miou["+ multi-scale + flip"],
                        "miou_single_scale": miou["prediction"]},
                "train": {"pseudo_miou": miou["pseudo labels (RFM + PAR)"]},
-               "ablation": miou}
+               "ablation": miou,
+               "attention": attention_agreement(model, train_data, device, e.train_images)}
     write_metrics(metrics, out / "metrics.json")
     samples = []
     for record in [r for r in val.records if r.mask][:e.qualitative]:
