@@ -50,46 +50,27 @@ def _run(flow_name: str, params, tags: Optional[list[str]]):
         return getattr(flows, flow_name)(params)
 
 
-@app.command()
-def prepare(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
-            tag: Optional[list[str]] = TagOption):
-    """Prepare the dataset of `data.dataset` into the data contract."""
-    typer.echo(_run("prepare_flow", _load(params, set_), tag))
+STAGES = {
+    "prepare": "Prepare the dataset of `data.dataset` into the data contract.",
+    "cache": "Write the frozen CLIP's tokens and attention of the train split to zarr (resumable).",
+    "train": "Train WeCLIP (resumes from the run folder's checkpoint).",
+    "upper-bound": "Train the same decoder on ground-truth masks (if `upper_bound.enabled`), for context.",
+    "infer": "Segment `infer.split` with multi-scale + flip + DenseCRF (resumes per image).",
+    "evaluate": "Score every step of the method; write reports/ (tables, metrics.json, plots).",
+}
 
 
-@app.command()
-def cache(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
-          tag: Optional[list[str]] = TagOption):
-    """Write the frozen CLIP's tokens and attention of the train split to zarr (resumable)."""
-    typer.echo(_run("cache_flow", _load(params, set_), tag))
-
-
-@app.command()
-def train(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
-          tag: Optional[list[str]] = TagOption):
-    """Train WeCLIP (resumes from the run folder's checkpoint)."""
-    typer.echo(_run("train_flow", _load(params, set_), tag))
-
-
-@app.command("upper-bound")
-def upper_bound(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+def _stage_command(stage: str, help_text: str):
+    def command(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
                 tag: Optional[list[str]] = TagOption):
-    """Train the same decoder on ground-truth masks (if `upper_bound.enabled`), for context."""
-    typer.echo(_run("upper_bound_flow", _load(params, set_), tag))
+        typer.echo(_run(stage.replace("-", "_") + "_flow", _load(params, set_), tag))
+
+    command.__doc__ = help_text
+    return command
 
 
-@app.command()
-def infer(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
-          tag: Optional[list[str]] = TagOption):
-    """Segment `infer.split` with multi-scale + flip + DenseCRF (resumes per image)."""
-    typer.echo(_run("infer_flow", _load(params, set_), tag))
-
-
-@app.command()
-def evaluate(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
-             tag: Optional[list[str]] = TagOption):
-    """Score every step of the method; write reports/ (tables, metrics.json, plots)."""
-    typer.echo(_run("evaluate_flow", _load(params, set_), tag))
+for _stage, _help in STAGES.items():
+    app.command(_stage)(_stage_command(_stage, _help))
 
 
 @app.command()
@@ -117,6 +98,8 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
     """Pretrain the embedded world's small CLIP from scratch (about 15 min on 2 CPU cores)."""
     import shutil
 
+    from weclip.files import write_atomically
+
     from .datasets.world import generate_world
     from .pretrain_clip import WEIGHTS_FILE, pretrain_clip as run
 
@@ -124,9 +107,7 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
     if not (world / "manifest.csv").exists():
         generate_world(world, seed=seed, n_pretrain=n_pretrain, n_train=0, n_val=n_val)
     metrics = run(world, work, seed=seed, steps=steps, batch_size=batch_size, num_threads=threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(work / WEIGHTS_FILE, out.with_name(out.name + ".tmp"))
-    (out.with_name(out.name + ".tmp")).replace(out)
+    write_atomically(out, lambda tmp: shutil.copyfile(work / WEIGHTS_FILE, tmp))
     metrics.pop("losses")
     typer.echo(f"{out}: zero-shot {metrics}")
 

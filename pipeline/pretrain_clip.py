@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from pipeline.datasets.world import read_captions
 from weclip.dataset import load_image, load_mask, normalize, read_classes, read_manifest
+from weclip.files import write_atomically
 from weclip.model_configs import TINY_CLIP, register_model_configs
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -244,8 +244,7 @@ def _resume(path: Path, settings: dict, model: torch.nn.Module,
 
 def _save_checkpoint(path: Path, settings: dict, model: torch.nn.Module,
                      optimizer: torch.optim.Optimizer, step: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"settings": settings, "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step}, tmp)
-    os.replace(tmp, path)
+    state = {"settings": settings, "model": model.state_dict(),
+             "optimizer": optimizer.state_dict(), "step": step}
+    write_atomically(path, lambda tmp: torch.save(state, tmp))
 

@@ -20,25 +20,12 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from weclip.metrics import iou, mean_iou
+from weclip.files import write_atomically
 
 IGNORE_INDEX = 255
 # VOC's own palette gives 255 a pale cream (224, 224, 192); white reads better on overlays.
 IGNORE_COLOUR = (255, 255, 255)
 MIOU_ROW = "mIoU"
-
-
-def _write_atomically(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp)`` and rename ``tmp`` to ``path``; the parent folder is created."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        write(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    os.replace(tmp, path)
-    return path
 
 
 # ----------------------------------------------------------------------------- tables
@@ -72,11 +59,11 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "iou") ->
     In the CSV a NaN is an empty cell; in the markdown it is '-', with one decimal throughout.
     """
     out_dir = Path(out_dir)
-    csv_path = _write_atomically(out_dir / f"{name}.csv", table.to_csv)
+    csv_path = write_atomically(out_dir / f"{name}.csv", table.to_csv)
     # tabulate prints NaN as 'nan' whatever ``missingval`` says; only None counts as missing.
     markdown = table.astype(object).where(table.notna(), None).to_markdown(
         floatfmt=".1f", missingval="-")
-    md_path = _write_atomically(out_dir / f"{name}.md", lambda tmp: tmp.write_text(markdown + "\n"))
+    md_path = write_atomically(out_dir / f"{name}.md", lambda tmp: tmp.write_text(markdown + "\n"))
     return csv_path, md_path
 
 
@@ -114,7 +101,7 @@ def write_metrics(metrics: dict, path: str | Path) -> Path:
     Any other nesting is written as given. NaN (e.g. no class present) becomes null.
     """
     text = json.dumps(_plain(metrics), indent=2, sort_keys=True) + "\n"
-    return _write_atomically(path, lambda tmp: tmp.write_text(text))
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
 def write_per_class_iou(table: pd.DataFrame, path: str | Path) -> Path:
@@ -126,7 +113,7 @@ def write_per_class_iou(table: pd.DataFrame, path: str | Path) -> Path:
     per_class = table.drop(index=MIOU_ROW, errors="ignore")
     long = per_class.reset_index().melt(id_vars="class", var_name="variant", value_name="iou")
     long = long.dropna(subset=["iou"])
-    return _write_atomically(path, lambda tmp: long.to_csv(tmp, index=False))
+    return write_atomically(path, lambda tmp: long.to_csv(tmp, index=False))
 
 
 def write_confusion(confusion: np.ndarray | torch.Tensor, class_names: list[str],
@@ -153,7 +140,7 @@ def write_confusion(confusion: np.ndarray | torch.Tensor, class_names: list[str]
         "count": counts.ravel(),
         "fraction": fractions.ravel(),
     })
-    csv_path = _write_atomically(path, lambda tmp: cells.to_csv(tmp, index=False))
+    csv_path = write_atomically(path, lambda tmp: cells.to_csv(tmp, index=False))
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -168,7 +155,7 @@ def write_confusion(confusion: np.ndarray | torch.Tensor, class_names: list[str]
     axes.set_xlabel("predicted")
     axes.set_ylabel("actual")
     figure.colorbar(image, ax=axes, label="fraction of actual class")
-    png_path = _write_atomically(Path(path).with_suffix(".png"),
+    png_path = write_atomically(Path(path).with_suffix(".png"),
                                  lambda tmp: figure.savefig(tmp, format="png", dpi=100))
     return csv_path, png_path
 
@@ -221,13 +208,13 @@ def save_palette_png(mask: np.ndarray | torch.Tensor, path: str | Path) -> Path:
     """
     picture = Image.fromarray(_label_array(mask))
     picture.putpalette(palette().tobytes())  # an 'L' image becomes 'P' with the same values
-    return _write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+    return write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def write_image(image: np.ndarray, path: str | Path) -> Path:
     """Save an RGB uint8 [H, W, 3] image as PNG, atomically."""
     picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    return _write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+    return write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def write_qualitative(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
@@ -251,4 +238,4 @@ def write_qualitative(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
         left, upper, right, lower = draw.textbbox((4, top + 4), str(image_id))
         draw.rectangle((left - 2, upper - 2, right + 2, lower + 2), fill="black")
         draw.text((4, top + 4), str(image_id), fill="white")
-    return _write_atomically(out_path, lambda tmp: grid.save(tmp, format="PNG"))
+    return write_atomically(out_path, lambda tmp: grid.save(tmp, format="PNG"))

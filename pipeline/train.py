@@ -8,7 +8,6 @@ pseudo-label mIoU on the train split and segmentation mIoU on the val split) and
 from __future__ import annotations
 
 import csv
-import os
 from itertools import count
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from weclip import BackboneFeatures, FrozenCLIP, WeCLIP
 from weclip.dataset import ClassInfo, EvalDataset, TrainDataset, read_classes
+from weclip.files import write_atomically
 from weclip.inference import predict
 from weclip.metrics import confusion_matrix, mean_iou
 from weclip.optim import build_optimizer, poly_warmup
@@ -48,9 +48,7 @@ def build_model(params: Params, info: ClassInfo) -> WeCLIP:
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomically(path, lambda tmp: torch.save(obj, tmp))
 
 
 @torch.no_grad()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from .files import write_atomically
 
 MANIFEST_COLUMNS = ("image_id", "image", "mask", "split", "labels")
 
@@ -61,30 +62,23 @@ class Record:
     labels: list[int] = field(default_factory=list)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_dataset(root: str | Path, info: ClassInfo, records: list[Record]) -> None:
     """Write ``classes.json`` and ``manifest.csv`` under ``root``, each atomically."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(root / "classes.json", json.dumps(asdict(info), indent=2) + "\n")
-    tmp = root / "manifest.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(MANIFEST_COLUMNS)
-        for r in records:
-            writer.writerow([
-                r.image_id,
-                _relative(r.image, root),
-                _relative(r.mask, root) if r.mask else "",
-                r.split,
-                " ".join(str(c) for c in r.labels),
-            ])
-    os.replace(tmp, root / "manifest.csv")
+    text = json.dumps(asdict(info), indent=2) + "\n"
+    write_atomically(root / "classes.json", lambda tmp: tmp.write_text(text))
+
+    def write_manifest(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(MANIFEST_COLUMNS)
+            for r in records:
+                writer.writerow([r.image_id, _relative(r.image, root),
+                                 _relative(r.mask, root) if r.mask else "", r.split,
+                                 " ".join(str(c) for c in r.labels)])
+
+    write_atomically(root / "manifest.csv", write_manifest)
 
 
 def _relative(path: Path, root: Path) -> str:

@@ -5,7 +5,6 @@ leaves only whole files; running it again skips the masks that already exist.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -13,13 +12,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from weclip.files import write_atomically
+
 
 def save_mask(mask: np.ndarray, path: str | Path) -> None:
     """Save a [H, W] array of class ids (0..255) as a single-channel PNG, atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    picture = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
+    write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def write_masks(jobs: Sequence[tuple[Path, Callable[[], np.ndarray]]], desc: str) -> None:

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from weclip.dataset import ClassInfo, Record, write_dataset
+from weclip.files import write_atomically
 
 SPLITS = ("pretrain", "train", "val")
 
@@ -291,10 +292,13 @@ def generate_world(out_dir: str | Path, *, seed: int = 0, image_size: int = 128,
 
 
 def _write_captions(path: Path, rows: list[tuple[str, str, str]]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(("image_id", "caption", "background"))
-        writer.writerows(rows)
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(("image_id", "caption", "background"))
+            writer.writerows(rows)
+
+    write_atomically(path, write)
 
 
 def read_captions(root: str | Path) -> dict[str, tuple[str, str]]:
