@@ -38,8 +38,7 @@ def cam_confusions(model, data: EvalDataset, device, limit: int | None = None) -
     model.eval()
     c = model.num_classes
     out = {name: torch.zeros(c, c, dtype=torch.long) for name in CAM_STEPS}
-    indices = [i for i, r in enumerate(data.records) if r.mask][:limit]
-    for i in tqdm(indices, desc="cam ablation", unit="image"):
+    for i in tqdm(data.with_masks(limit), desc="cam ablation", unit="image"):
         image, _, mask, labels, _ = data[i]
         image, labels = image[None].to(device), labels[None]
         features = model.backbone(image)
@@ -61,7 +60,7 @@ def attention_agreement(model, data: EvalDataset, device, limit: int | None = No
     """
     model.eval()
     totals, count = {}, 0
-    for i in [i for i, r in enumerate(data.records) if r.mask][:limit]:
+    for i in data.with_masks(limit):
         image, _, mask, _, _ = data[i]
         features = model.backbone(image[None].to(device))
         h, w = features.grid
@@ -125,8 +124,9 @@ def evaluate(params, model_path: str | Path):
                "attention": attention_agreement(model, train_data, device, e.train_images)}
     write_metrics(metrics, out / "metrics.json")
     samples = []
-    for record in [r for r in val.records if r.mask][:e.qualitative]:
-        image = np.asarray(val[val.records.index(record)][1].permute(1, 2, 0), np.uint8)
+    for i in val.with_masks(e.qualitative):
+        record = val.records[i]
+        image = np.asarray(val[i][1].permute(1, 2, 0), np.uint8)
         pred = load_mask(Path(params.infer.out) / "crf" / f"{record.image_id}.png")
         samples.append((image, load_mask(record.mask).numpy(), pred.numpy(), record.image_id))
     if samples:

@@ -60,8 +60,7 @@ def score(model: WeCLIP, dataset: EvalDataset, device, limit: int | None = None,
     c = model.num_classes
     out = {k: torch.zeros(c, c, dtype=torch.long) for k, on in
            (("pseudo", pseudo), ("prediction", prediction)) if on}
-    indices = [i for i, r in enumerate(dataset.records) if r.mask][:limit]
-    for i in indices:
+    for i in dataset.with_masks(limit):
         image, _, mask, labels, _ = dataset[i]
         image = image[None].to(device)
         if pseudo:

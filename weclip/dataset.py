@@ -228,6 +228,10 @@ class EvalDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
+    def with_masks(self, limit: int | None = None) -> list[int]:
+        """Indices of the first ``limit`` images (all if None) that have a mask to score."""
+        return [i for i, r in enumerate(self.records) if r.mask][:limit]
+
     def __getitem__(self, index: int):
         record = self.records[index]
         raw = load_image(record.image)
