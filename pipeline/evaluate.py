@@ -125,10 +125,10 @@ def evaluate(params, model_path: str | Path):
     write_metrics(metrics, out / "metrics.json")
     samples = []
     for i in val.with_masks(e.qualitative):
-        record = val.records[i]
-        image = np.asarray(val[i][1].permute(1, 2, 0), np.uint8)
-        pred = load_mask(Path(params.infer.out) / "crf" / f"{record.image_id}.png")
-        samples.append((image, load_mask(record.mask).numpy(), pred.numpy(), record.image_id))
+        _, raw, mask, _, _ = val[i]
+        image_id = val.records[i].image_id
+        pred = load_mask(Path(params.infer.out) / "crf" / f"{image_id}.png")
+        samples.append((np.asarray(raw.permute(1, 2, 0), np.uint8), mask.numpy(), pred.numpy(), image_id))
     if samples:
         write_qualitative(samples, out / "qualitative.png")
     return metrics, table
