@@ -95,7 +95,7 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
                   seed: int = 0, n_pretrain: int = 10000, n_val: int = 500, steps: int = 900,
                   batch_size: int = 64, threads: int = 2,
                   work: Path = typer.Option(Path("data/clip"), help="world and checkpoints")):
-    """Pretrain the embedded world's small CLIP from scratch (about 15 min on 2 CPU cores)."""
+    """Pretrain the embedded world's small CLIP from scratch (about 17 min on 2 CPU cores)."""
     import shutil
 
     from weclip.files import write_atomically

@@ -5,8 +5,8 @@ statically refined CAM, the RFM-refined CAM (each as background = 1 - max, argma
 the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
 single scale, multi-scale + flip, and with DenseCRF (the final result); with
 ``upper_bound.enabled``, also the single-scale prediction of the decoder trained on masks.
-``attention`` in metrics.json says how much of the backbone's attention stays within objects,
-which is what the static and RFM refinements rely on.
+``attention`` in metrics.json says how much of the backbone's attention stays within objects and
+within the background, which is what the static and RFM refinements rely on.
 """
 from __future__ import annotations
 
@@ -52,35 +52,42 @@ def cam_confusions(model, data: EvalDataset, device, limit: int | None = None) -
 
 @torch.no_grad()
 def attention_agreement(model, data: EvalDataset, device, limit: int | None = None) -> dict:
-    """How much attention stays within an object: for foreground patches, the share of their
-    attention (rows normalised) that falls on patches of their own ground-truth class, per
-    block, for the static and RFM transition matrices, and for uniform attention ('uniform').
+    """How much attention stays within a region, per block, for the static and RFM transition
+    matrices, and for uniform attention ('uniform'), in percent (rows normalised):
+    'foreground', the share of a foreground patch's attention on patches of its own
+    ground-truth class; 'background', the share of a background patch's on background patches.
 
     Refinement can only help where the walks keep more than the uniform share.
     """
     model.eval()
-    totals, count = {}, 0
+    totals = {"foreground": {}, "background": {}}
+    counts = dict.fromkeys(totals, 0)
     for i in data.with_masks(limit):
         image, _, mask, _, _ = data[i]
         features = model.backbone(image[None].to(device))
         h, w = features.grid
         cells = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest").flatten().long()
-        foreground = (cells > 0) & (cells != data.info.ignore_index)
-        if not foreground.any():
-            continue
-        same = (cells[:, None] == cells[None]).float().to(device)
+        cells = cells.to(device)
+        valid = cells != data.info.ignore_index
+        rows = {"foreground": valid & (cells > 0), "background": cells == 0}
+        targets = {"foreground": (cells[:, None] == cells[None]).float(),
+                   "background": (cells == 0).float().expand(len(cells), -1)}
         attn = features.attn[:, :, 1:, 1:].float()
         aff = affinity(model.decoder(features.tokens[:, :, 1:], features.grid)[1])
         rfm, _ = select_attention(attn, aff, model.rfm_layers, model.rfm_signed)
         maps = {f"block {b + 1}": attn[0, b] for b in range(attn.shape[1])}
         maps["static walk"] = transition_matrix(static_attention(attn, model.static_layers))[0]
         maps["RFM walk"] = transition_matrix(rfm)[0]
-        maps["uniform"] = torch.ones_like(same)
-        for name, m in maps.items():
-            share = ((m / m.sum(-1, keepdim=True)) * same).sum(-1)[foreground.to(device)].mean()
-            totals[name] = totals.get(name, 0.0) + float(share)
-        count += 1
-    return {name: round(100 * total / max(count, 1), 1) for name, total in totals.items()}
+        maps["uniform"] = torch.ones_like(attn[0, 0])
+        for side, chosen in rows.items():
+            if not chosen.any():
+                continue
+            for name, m in maps.items():
+                share = ((m / m.sum(-1, keepdim=True)) * targets[side]).sum(-1)[chosen].mean()
+                totals[side][name] = totals[side].get(name, 0.0) + float(share)
+            counts[side] += 1
+    return {side: {name: round(100 * total / max(counts[side], 1), 1) for name, total in t.items()}
+            for side, t in totals.items()}
 
 
 def prediction_confusions(params, data: EvalDataset, num_classes: int) -> dict:

@@ -10,7 +10,6 @@ split to ``pseudo/``, VOC-style, for training a second-stage segmenter.
 """
 from __future__ import annotations
 
-import hashlib
 import shutil
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from weclip.dataset import EvalDataset, read_classes
 from weclip.inference import predict
 
 from .report import save_palette_png
-from .params import params_fingerprint
+from .params import file_digest, params_fingerprint
 from .train import build_model, resolve_device
 
 VARIANTS = ("single", "msf", "crf")
@@ -39,11 +38,6 @@ def load_trained(params, model_path: str | Path, device):
     return model.to(device).eval()
 
 
-def _file_digest(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]
-
-
 def _crf_job(image: np.ndarray, probs: np.ndarray, crf: dict, path: Path) -> None:
     save_palette_png(dense_crf(image, probs, **crf).argmax(0).astype(np.uint8), path)
 
@@ -54,7 +48,7 @@ def infer(params, model_path: str | Path) -> Path:
     out = Path(p.out)
     # Predictions of another model or other settings must not be resumed from.
     stamp = out / "fingerprint.txt"
-    fingerprint = f"{_file_digest(Path(model_path))} {params_fingerprint(params, ('data', 'clip', 'model', 'infer'))}"
+    fingerprint = f"{file_digest(model_path)} {params_fingerprint(params, ('data', 'clip', 'model', 'infer'))}"
     if stamp.exists() and stamp.read_text() != fingerprint:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -179,7 +179,16 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
 
 
 def params_fingerprint(params: Params, groups: tuple[str, ...]) -> str:
-    """A digest of the named groups: resumable outputs kept across runs (DVC `persist`) are
-    reused only by a run with the same settings."""
+    """A digest of the named groups, and with 'clip' of the CLIP weight file's contents:
+    resumable outputs kept across runs (DVC `persist`) are reused only by a run with the same
+    settings and weights."""
     values = {g: dataclasses.asdict(getattr(params, g)) for g in groups}
+    if "clip" in groups and params.clip.weights and Path(params.clip.weights).is_file():
+        values["clip_weights_digest"] = file_digest(params.clip.weights)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of the file's SHA-256."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()[:16]

@@ -25,3 +25,12 @@ def test_overrides_change_the_fingerprint_of_their_group_only():
     base, changed = load_params(ROOT / "params.yaml"), load_params(ROOT / "params.yaml", {"infer.flip": False})
     assert params_fingerprint(base, ("train",)) == params_fingerprint(changed, ("train",))
     assert params_fingerprint(base, ("infer",)) != params_fingerprint(changed, ("infer",))
+
+
+def test_the_fingerprint_follows_the_clip_weight_file_contents(tmp_path):
+    weights = tmp_path / "clip.safetensors"
+    weights.write_bytes(b"one")
+    params = load_params(ROOT / "params.yaml", {"clip.weights": str(weights)})
+    before = params_fingerprint(params, ("clip",))
+    weights.write_bytes(b"two")
+    assert params_fingerprint(params, ("clip",)) != before

@@ -1,4 +1,5 @@
 """The small CLIP: its open_clip config, and pretraining that learns, saves and resumes."""
+import math
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,10 +98,60 @@ def test_average_precision():
     assert pc.average_precision(np.array([0.9, 0.8, 0.1]), np.array([0, 1, 1])) == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-def test_augment_is_a_function_of_the_generator_and_keeps_size_and_range():
+def test_augment_is_a_function_of_the_generator_and_moves_masks_with_images():
     images = torch.randint(0, 256, (4, 3, 128, 128), dtype=torch.uint8)
-    out = pc.augment(images, torch.Generator().manual_seed(0))
+    masks = torch.zeros(4, 128, 128, dtype=torch.uint8)
+    masks[:, :, :64] = 1
+    images[:, :, :, :64] = 0  # the masked half is black, the rest bright
+    images[:, :, :, 64:] = 255
+    out, out_masks = pc.augment(images, masks, torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 128, 128) and out.dtype == torch.float32
-    assert out.min() >= 0 and out.max() <= 255
-    assert torch.equal(out, pc.augment(images, torch.Generator().manual_seed(0)))
-    assert not torch.equal(out, pc.augment(images, torch.Generator().manual_seed(1)))
+    assert out_masks.shape == (4, 128, 128) and out_masks.dtype == torch.long
+    assert out.min() >= 0 and out.max() <= 255 + 1e-3  # bilinear weights sum to 1 up to rounding
+    # Away from the edge's interpolation, masked pixels stayed black and the others bright.
+    assert (out[:, 0][out_masks == 1] < 128).float().mean() > 0.97
+    assert (out[:, 0][out_masks == 0] > 128).float().mean() > 0.97
+    again, _ = pc.augment(images, masks, torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    assert not torch.equal(pc.augment(images, masks, torch.Generator().manual_seed(1))[1], out_masks)
+
+
+def test_patch_features_average_to_open_clip_image_features():
+    register_model_configs()
+    model = open_clip.create_model(TINY_CLIP).eval()
+    images = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        patches, before_last = pc.encode_patches(model.visual, images)
+        keep = torch.tensor([[0, 5, 9], [1, 2, 255]])
+        kept, kept_before_last = pc.encode_patches(model.visual, images, keep)
+        assert patches.shape == before_last.shape == (2, 256, 128)
+        assert kept.shape == kept_before_last.shape == (2, 3, 128)
+        assert torch.allclose(patches.mean(1), model.encode_image(images), atol=1e-5)
+        assert not torch.allclose(patches, before_last, atol=1e-2)
+
+
+def test_a_region_shows_what_covers_a_tenth_of_it():
+    masks = torch.zeros(64, 128, 128, dtype=torch.long)
+    masks[:, :, :32] = 2  # class 2 fills the left quarter
+    cells, shown = pc.sample_regions(masks, 4, 16, torch.Generator().manual_seed(0))
+    assert cells.shape == (64, 256) and shown.shape == (64, 4)
+    boxes = cells.view(64, 16, 16)
+    sides = boxes.any(2).sum(1), boxes.any(1).sum(1)
+    assert torch.equal(boxes.sum((1, 2)), sides[0] * sides[1]), "each region is one box"
+    assert all(4 <= side.min() and side.max() <= 10 for side in sides)
+    left = boxes[:, :, :4].sum((1, 2)) / boxes.sum((1, 2))  # the box's share in class 2
+    assert torch.equal(shown[:, 2], left >= 0.1)
+    assert torch.equal(shown[:, 0], left <= 0.9)
+    assert not shown[:, [1, 3]].any()
+
+
+def test_region_loss_counts_every_region_of_a_caption_as_a_positive():
+    text = torch.eye(2)
+    regions = torch.eye(2)[[0, 0, 1]]  # regions 0 and 1 show caption 0, region 2 caption 1
+    scale = torch.tensor(100.0)
+    right = pc.region_loss(regions, text, torch.tensor([0, 0, 1]), scale)
+    wrong = pc.region_loss(regions, text, torch.tensor([0, 1, 1]), scale)
+    # Caption 0 cannot tell its two equal regions apart: log 2 of its text-to-region term, halved
+    # by the mean over captions and again by the mean of both directions.
+    assert right == pytest.approx(math.log(2) / 4, abs=1e-4)
+    assert wrong > 10

@@ -134,7 +134,8 @@ def test_evaluation_reports_every_step_of_the_method(toy_dataset, tiny_arch, tin
     metrics, table = evaluate(params, model)
     assert list(table.index)[-1] == "mIoU"
     assert set(metrics["ablation"]) == set(CAM_STEPS) | set(PREDICTIONS)
-    assert {"block 1", "static walk", "RFM walk", "uniform"} <= set(metrics["attention"])
+    for side in ("foreground", "background"):
+        assert {"block 1", "static walk", "RFM walk", "uniform"} <= set(metrics["attention"][side])
     assert json.loads((tmp_path / "reports" / "metrics.json").read_text())["val"]["miou"] == metrics["val"]["miou"]
     for name in ("iou.csv", "iou.md", "per_class_iou.csv", "confusion.csv", "qualitative.png"):
         assert (tmp_path / "reports" / name).exists()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.datasets.world import BACKGROUNDS, CLASSES, generate_world, read_captions
+from pipeline.datasets.world import BACKGROUNDS, CLASSES, describe, generate_world, read_captions
 from weclip.dataset import read_classes, read_manifest
 
 COUNTS = {"n_pretrain": 12, "n_train": 10, "n_val": 8}
@@ -64,3 +64,9 @@ def test_captions_name_each_object_and_the_background(world):
         assert background in read_classes(world).background
         for c in record.labels:
             assert CLASSES[c - 1][0] in caption
+
+
+def test_a_region_is_described_by_its_classes_and_background():
+    assert describe([4, 1], "grass") == "a photo of grass with an apple and a tyre."
+    assert describe([1, 2, 3], None) == "a photo of an apple, a lemon and a starfish."
+    assert describe([], "sky") == "a photo of sky."

@@ -232,10 +232,25 @@ def _caption(rng: np.random.Generator, labels: list[int], background: int) -> st
         name, colour = CLASSES[c - 1]
         # The colour is left out half of the time so that the bare name matches the prompts.
         phrases.append(_article(f"{colour} {name}" if rng.random() < 0.5 else name))
-    objects = phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+    objects = _join(phrases)
     word, wheres = BACKGROUNDS[background]
     template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
     return template.format(objects=objects, where=wheres[rng.integers(len(wheres))], background=word)
+
+
+def describe(labels: list[int], background: str | None) -> str:
+    """The plain caption of a region showing ``labels`` (class ids) and, unless None, the
+    ``background`` word: 'a photo of grass with an apple and a tyre.', 'a photo of grass.',
+    'a photo of an apple.' The prompts of CAM ('a photo of {}.') are such captions."""
+    objects = _join([_article(CLASSES[c - 1][0]) for c in sorted(labels)])
+    if background is None:
+        return f"a photo of {objects}."
+    return f"a photo of {background} with {objects}." if objects else f"a photo of {background}."
+
+
+def _join(phrases: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return " and ".join(filter(None, [", ".join(phrases[:-1]), *phrases[-1:]]))
 
 
 def draw_scene(rng: np.random.Generator, image_size: int = 128) -> Scene:
