@@ -6,11 +6,10 @@ contrastive term pairs a random region of each image with a caption of what the 
 the region's feature is the mean of its patch tokens after blocks 1..N-1 (through ln_post and
 the projection), computed in the context of the whole image. Trained on whole images alone, a
 small CLIP copies the objects' features into every patch, and its Grad-CAM, taken on block N-1's
-tokens, hardly tells an object's patches from the background's (initial CAM 41 mIoU on the
-world); the region term makes those tokens say what they show (69.6). It is not applied to block
-N's output: Grad-CAM reads block N through its attention branch only, and needs that block's
-attention to gather the objects. AdamW with
-linear warm-up and cosine decay; random resized crops and flips. Every random choice derives
+tokens, hardly tells an object's patches from the background's (initial CAM 41 mIoU on 100 world
+train images); the region term makes those tokens say what they show (70). It is not applied to
+block N's output: Grad-CAM reads block N through its attention branch only, and needs that
+block's attention to gather the objects. AdamW with linear warm-up and cosine decay; random resized crops and flips. Every random choice derives
 from (seed, step), so a run resumed from its checkpoint ends with the same weights as an
 uninterrupted one (for the same ``num_threads``). The result is a plain open_clip state dict as
 .safetensors, plus its zero-shot figures on the val split.
@@ -111,8 +110,8 @@ def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: 
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One random box of patches per image and what it shows.
 
-    masks: long [B, S, S], 0 background and 1..num_classes - 1 the classes. A box is ``side`` of the grid
-    wide and high (each drawn). Returns (cells bool [B, grid * grid], the box's patches;
+    masks: long [B, S, S], 0 background and 1..num_classes - 1 the classes. A box is ``side``
+    of the grid wide and high (each drawn). Returns (cells bool [B, grid * grid], the box's patches;
     shown bool [B, num_classes], where a class or the background (index 0) covers at least
     ``min_fraction`` of the box).
     """
@@ -235,9 +234,9 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
     """Pretrain ``model_name`` on ``world_dir``'s 'pretrain' split for ``steps`` batches.
 
     The loss is ClipLoss on (image, caption) plus ``region_weight`` x ``region_loss`` on (a
-    random region of the image's block N-1 tokens, ``describe`` of what it shows). ``patch_dropout`` is the share
-    of patches dropped (FLIP): it trades a little accuracy per step for about twice the steps
-    per second.
+    random region of the image's block N-1 tokens, ``describe`` of what it shows).
+    ``patch_dropout`` is the share of patches dropped (FLIP): it trades a little accuracy per
+    step for about twice the steps per second.
 
     Writes ``out_dir``/weights.safetensors (an open_clip state dict) and ``out_dir``/zero_shot.json
     (figures on ``eval_split``, see ``zero_shot``), and returns the figures plus this call's
