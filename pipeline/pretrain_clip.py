@@ -120,9 +120,9 @@ def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: 
     h, w = torch.randint(lo, hi + 1, (2, b), generator=generator)
     y0 = (torch.rand(b, generator=generator) * (grid - h + 1)).long()
     x0 = (torch.rand(b, generator=generator) * (grid - w + 1)).long()
-    rows, cols = torch.arange(grid)[None], torch.arange(grid)[None]
-    inside_y = (rows >= y0[:, None]) & (rows < (y0 + h)[:, None])
-    inside_x = (cols >= x0[:, None]) & (cols < (x0 + w)[:, None])
+    cell = torch.arange(grid)[None]
+    inside_y = (cell >= y0[:, None]) & (cell < (y0 + h)[:, None])
+    inside_x = (cell >= x0[:, None]) & (cell < (x0 + w)[:, None])
     cells = inside_y[:, :, None] & inside_x[:, None, :]  # [B, grid, grid]
     # The share of each class in each patch, then in the box.
     share = F.avg_pool2d(F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float(), size // grid)
