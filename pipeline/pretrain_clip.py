@@ -212,7 +212,9 @@ def zero_shot(model: torch.nn.Module, tokenizer, world_dir: str | Path, split: s
     targets = np.zeros_like(class_scores)
     for i, labels in enumerate(data.labels):
         targets[i, [c - 1 for c in labels]] = 1
-    areas = F.one_hot(data.masks.long(), info.num_classes).sum((1, 2))[:, 1:]
+    # Per image, not one one-hot tensor of the whole split (590 MB for 500 images).
+    areas = torch.stack([torch.bincount(m.flatten(), minlength=info.num_classes)
+                         for m in data.masks.long()])[:, 1:]
     largest = areas.argmax(1).numpy()
     backgrounds = np.array([info.background.index(word) for word in data.backgrounds])
     present = targets.sum(0) > 0
