@@ -9,9 +9,10 @@ small CLIP copies the objects' features into every patch, and its Grad-CAM, take
 tokens, hardly tells an object's patches from the background's (initial CAM 41 mIoU on 100 world
 train images); the region term makes those tokens say what they show (70). It is not applied to
 block N's output: Grad-CAM reads block N through its attention branch only, and needs that
-block's attention to gather the objects. AdamW with linear warm-up and cosine decay; random resized crops and flips. Every random choice derives
-from (seed, step), so a run resumed from its checkpoint ends with the same weights as an
-uninterrupted one (for the same ``num_threads``). The result is a plain open_clip state dict as
+block's attention to gather the objects. AdamW with linear warm-up and cosine decay; random
+resized crops and flips. Every random choice derives from (seed, step), so a run resumed from
+its checkpoint ends with the same weights as an uninterrupted one (for the same
+``num_threads``). The result is a plain open_clip state dict as
 .safetensors, plus its zero-shot figures on the val split.
 """
 from __future__ import annotations
