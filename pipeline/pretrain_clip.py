@@ -12,8 +12,8 @@ block N's output: Grad-CAM reads block N through its attention branch only, and 
 block's attention to gather the objects. AdamW with linear warm-up and cosine decay; random
 resized crops and flips. Every random choice derives from (seed, step), so a run resumed from
 its checkpoint ends with the same weights as an uninterrupted one (for the same
-``num_threads``). The result is a plain open_clip state dict as
-.safetensors, plus its zero-shot figures on the val split.
+``num_threads``). The result is a plain open_clip state dict as .safetensors, plus its
+zero-shot figures on the val split.
 """
 from __future__ import annotations
 
