@@ -103,9 +103,9 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
     from .datasets.world import generate_world
     from .pretrain_clip import WEIGHTS_FILE, pretrain_clip as run
 
-    world = work / "world"
-    if not (world / "manifest.csv").exists():
-        generate_world(world, seed=seed, n_pretrain=n_pretrain, n_train=0, n_val=n_val)
+    # Drawn afresh every time (about a minute): a world left by an older generator or other
+    # settings would otherwise pass for the one asked for.
+    world = generate_world(work / "world", seed=seed, n_pretrain=n_pretrain, n_train=0, n_val=n_val)
     metrics = run(world, work, seed=seed, steps=steps, batch_size=batch_size, num_threads=threads)
     write_atomically(out, lambda tmp: shutil.copyfile(work / WEIGHTS_FILE, tmp))
     metrics.pop("losses")

@@ -55,3 +55,17 @@ def test_a_bad_override_names_the_key(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["train", "-S", "train.iterations=3"])
     assert result.exit_code != 0
     assert "iterations" in str(result.exception)
+
+
+def test_pretrain_clip_draws_its_world_afresh_rather_than_reuse_a_stale_one(tmp_path):
+    from pipeline.datasets.world import generate_world
+
+    work, out = tmp_path / "work", tmp_path / "clip.safetensors"
+    generate_world(work / "world", seed=1, n_pretrain=16, n_train=0, n_val=4)  # another seed's
+    result = CliRunner().invoke(app, ["pretrain-clip", "--out", str(out), "--work", str(work),
+                                      "--seed", "0", "--n-pretrain", "16", "--n-val", "4",
+                                      "--steps", "1", "--batch-size", "16", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    expected = generate_world(tmp_path / "expected", seed=0, n_pretrain=16, n_train=0, n_val=4)
+    assert (work / "world" / "captions.csv").read_text() == (expected / "captions.csv").read_text()
+    assert out.stat().st_size > 0
