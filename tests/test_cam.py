@@ -119,4 +119,6 @@ def test_cams_of_a_batch_equal_the_cams_of_each_image_alone(tiny_model):
         f = tiny_model.backbone(images[i:i + 1])
         a = affinity(tiny_model.decoder(f.tokens[:, :, 1:], f.grid)[1])
         alone.append(tiny_model.cams(images[i:i + 1], labels[i:i + 1], f, a)[0])
-    assert torch.allclose(batch, torch.cat(alone), atol=1e-5)
+    # Batched matmuls round differently (up to 3e-5 after the min-max scaling, torch 2.15);
+    # mixing images up would differ by tenths.
+    assert torch.allclose(batch, torch.cat(alone), atol=1e-4)
