@@ -94,6 +94,8 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
                                            help="where the weights go"),
                   seed: int = 0, n_pretrain: int = 10000, n_val: int = 500, steps: int = 900,
                   batch_size: int = 64, threads: int = 2,
+                  attention_weight: float = typer.Option(
+                      0.3, help="weight of the attention term (0: captions and regions only)"),
                   work: Path = typer.Option(Path("data/clip"), help="world and checkpoints")):
     """Pretrain the embedded world's small CLIP from scratch (about 17 min on 2 CPU cores)."""
     import shutil
@@ -106,7 +108,8 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
     # Drawn afresh every time (about a minute): a world left by an older generator or other
     # settings would otherwise pass for the one asked for.
     world = generate_world(work / "world", seed=seed, n_pretrain=n_pretrain, n_train=0, n_val=n_val)
-    metrics = run(world, work, seed=seed, steps=steps, batch_size=batch_size, num_threads=threads)
+    metrics = run(world, work, seed=seed, steps=steps, batch_size=batch_size, num_threads=threads,
+                  attention_weight=attention_weight)
     write_atomically(out, lambda tmp: shutil.copyfile(work / WEIGHTS_FILE, tmp))
     metrics.pop("losses")
     typer.echo(f"{out}: zero-shot {metrics}")

@@ -9,7 +9,11 @@ small CLIP copies the objects' features into every patch, and its Grad-CAM, take
 tokens, hardly tells an object's patches from the background's (initial CAM 41 mIoU on 100 world
 train images); the region term makes those tokens say what they show (70). It is not applied to
 block N's output: Grad-CAM reads block N through its attention branch only, and needs that
-block's attention to gather the objects. AdamW with linear warm-up and cosine decay; random
+block's attention to gather the objects. A third term supervises the attention that WeCLIP's
+static refinement walks on (the last 8/12 of the blocks): trained on captions alone, this CLIP
+attends from every patch to the same salient patches, so the static walk is no better than
+uniform attention, and the decoder's first half of training learns from box-shaped pseudo labels.
+AdamW with linear warm-up and cosine decay; random
 resized crops and flips. Every random choice derives from (seed, step), so a run resumed from
 its checkpoint ends with the same weights as an uninterrupted one (for the same
 ``num_threads``). The result is a plain open_clip state dict as .safetensors, plus its
@@ -33,6 +37,7 @@ from tqdm import tqdm
 from pipeline.datasets.world import describe, read_captions
 from weclip.dataset import load_image, load_mask, normalize, read_classes, read_manifest
 from weclip.files import write_atomically
+from weclip.backbone import run_block
 from weclip.model_configs import TINY_CLIP, register_model_configs
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -88,22 +93,27 @@ def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generato
             masks[:, 0].long())
 
 
-def encode_patches(visual: torch.nn.Module, images: torch.Tensor,
-                   keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_patches(visual: torch.nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None,
+                   attention_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """open_clip's image tower up to its pooling: normalised images [B, 3, S, S] -> projected
     patch features [B, K, E] (not normalised) of the patches in ``keep`` (long [B, K], FLIP's
     patch dropout), or of all patches: (after block N, whose mean is ``encode_image``'s feature;
-    after block N-1, through the same ln_post and projection)."""
+    after block N-1, through the same ln_post and projection; the head-averaged attention
+    [B, 1+K, 1+K] of the last ``attention_blocks`` blocks, averaged, or None for 0)."""
     x = visual.conv1(images).flatten(2).transpose(1, 2) + visual.positional_embedding[1:]
     if keep is not None:
         x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
     cls_token = (visual.class_embedding + visual.positional_embedding[0]).expand(x.shape[0], 1, -1)
     x = visual.ln_pre(torch.cat([cls_token, x], 1))
-    for block in visual.transformer.resblocks[:-1]:
-        x = block(x)
-    before_last = visual.ln_post(x[:, 1:]) @ visual.proj
-    x = visual.ln_post(visual.transformer.resblocks[-1](x))
-    return x[:, 1:] @ visual.proj, before_last
+    blocks, maps = visual.transformer.resblocks, []
+    for i, block in enumerate(blocks):
+        if i == len(blocks) - 1:
+            before_last = visual.ln_post(x[:, 1:]) @ visual.proj
+        x, weights = run_block(block, x, need_weights=i >= len(blocks) - attention_blocks)
+        if weights is not None:
+            maps.append(weights)
+    x = visual.ln_post(x)
+    return x[:, 1:] @ visual.proj, before_last, torch.stack(maps).mean(0) if maps else None
 
 
 def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: torch.Generator,
@@ -116,7 +126,7 @@ def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: 
     shown bool [B, num_classes], where a class or the background (index 0) covers at least
     ``min_fraction`` of the box).
     """
-    b, size = masks.shape[0], masks.shape[-1]
+    b = masks.shape[0]
     lo, hi = max(1, round(side[0] * grid)), round(side[1] * grid)
     h, w = torch.randint(lo, hi + 1, (2, b), generator=generator)
     y0 = (torch.rand(b, generator=generator) * (grid - h + 1)).long()
@@ -126,9 +136,9 @@ def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: 
     inside_x = (cell >= x0[:, None]) & (cell < (x0 + w)[:, None])
     cells = inside_y[:, :, None] & inside_x[:, None, :]  # [B, grid, grid]
     # The share of each class in each patch, then in the box.
-    share = F.avg_pool2d(F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float(), size // grid)
-    in_box = (share * cells[:, None]).sum((2, 3)) / cells.sum((1, 2))[:, None]
-    return cells.flatten(1), in_box >= min_fraction
+    cells = cells.flatten(1).float()
+    in_box = (cells[..., None] * patch_shares(masks, num_classes, grid)).sum(1) / cells.sum(1)[:, None]
+    return cells.bool(), in_box >= min_fraction
 
 
 def region_loss(region_features: torch.Tensor, text_features: torch.Tensor,
@@ -140,6 +150,28 @@ def region_loss(region_features: torch.Tensor, text_features: torch.Tensor,
     positives = F.one_hot(caption_index, len(text_features)).T.float()  # [U, B]
     to_images = -(positives * logits.T.log_softmax(-1)).sum(-1) / positives.sum(-1)
     return (F.cross_entropy(logits, caption_index) + to_images.mean()) / 2
+
+
+def patch_shares(masks: torch.Tensor, num_classes: int, grid: int) -> torch.Tensor:
+    """The share of each class (index 0 the background) in each patch: long [B, S, S] ->
+    [B, grid * grid, num_classes]."""
+    one_hot = F.one_hot(masks, num_classes).permute(0, 3, 1, 2).float()
+    return F.avg_pool2d(one_hot, masks.shape[-1] // grid).flatten(2).transpose(1, 2)
+
+
+def attention_loss(attn: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy between patch-to-patch attention and grouping by what patches show.
+
+    attn: [B, 1+K, 1+K] head-averaged attention (class token first); shares: [B, K, C] class
+    shares of the K patches. Each patch's target spreads over the patches in proportion to the
+    overlap of their shares, share_i . share_j; the attention rows are renormalised over the
+    patches, so attention to the class token is neither rewarded nor penalised.
+    """
+    attn = attn[:, 1:, 1:]
+    attn = attn / attn.sum(-1, keepdim=True)
+    target = shares @ shares.transpose(1, 2)
+    target = target / target.sum(-1, keepdim=True).clamp(min=1e-8)
+    return -(target * attn.clamp(min=1e-8).log()).sum(-1).mean()
 
 
 def learning_rate(step: int, steps: int, warmup_steps: int, base_lr: float) -> float:
@@ -231,13 +263,16 @@ def zero_shot(model: torch.nn.Module, tokenizer, world_dir: str | Path, split: s
 def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str = TINY_CLIP,
                   steps: int = 900, batch_size: int = 64, lr: float = 1e-3,
                   weight_decay: float = 0.1, warmup_steps: int = 50, patch_dropout: float = 0.5,
-                  region_weight: float = 1.0, seed: int = 0, num_threads: int = 2,
+                  region_weight: float = 1.0, attention_weight: float = 0.3,
+                  attention_blocks: int | None = None, seed: int = 0, num_threads: int = 2,
                   checkpoint_every: int = 100, eval_split: str = "val",
                   template: str = "a photo of {}.") -> dict:
     """Pretrain ``model_name`` on ``world_dir``'s 'pretrain' split for ``steps`` batches.
 
     The loss is ClipLoss on (image, caption) plus ``region_weight`` x ``region_loss`` on (a
-    random region of the image's block N-1 tokens, ``describe`` of what it shows).
+    random region of the image's block N-1 tokens, ``describe`` of what it shows) plus
+    ``attention_weight`` x ``attention_loss`` on the mean attention of the last
+    ``attention_blocks`` blocks (default: 8/12 of the depth, as WeCLIP's static refinement).
     ``patch_dropout`` is the share of patches dropped (FLIP): it trades a little accuracy per
     step for about twice the steps per second.
 
@@ -251,7 +286,9 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model_name": model_name, "steps": steps, "batch_size": batch_size, "lr": lr,
                 "weight_decay": weight_decay, "warmup_steps": warmup_steps,
-                "patch_dropout": patch_dropout, "region_weight": region_weight, "seed": seed}
+                "patch_dropout": patch_dropout, "region_weight": region_weight,
+                "attention_weight": attention_weight, "attention_blocks": attention_blocks,
+                "seed": seed}
     torch.set_num_threads(num_threads)
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
@@ -265,6 +302,9 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
 
         data = load_split(world_dir, "pretrain")
         size, grid = model.visual.image_size[0], model.visual.grid_size[0]
+        depth = len(model.visual.transformer.resblocks)
+        # The blocks whose mean attention WeCLIP's static refinement walks on (8 of 12).
+        attention_blocks = attention_blocks or max(1, round(depth * 8 / 12))
         if len(data.images) < batch_size:
             raise ValueError(f"{world_dir}: {len(data.images)} pretrain images, fewer than a "
                              f"batch of {batch_size}")
@@ -293,7 +333,8 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             distinct = sorted(set(captions))
             caption_index = torch.tensor([distinct.index(c) for c in captions])
 
-            patches, before_last = encode_patches(model.visual, normalize(images, "clip"), keep)
+            patches, before_last, attn = encode_patches(model.visual, normalize(images, "clip"),
+                                                        keep, attention_blocks)
             in_region = cells.gather(1, keep).float()[..., None]  # [B, K, 1]
             region = (before_last * in_region).sum(1) / in_region.sum(1).clamp(min=1)
             texts = model.encode_text(torch.cat([tokens[index], tokenizer(distinct)]), normalize=True)
@@ -301,6 +342,9 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             loss = clip_loss(F.normalize(patches.mean(1), dim=-1), texts[:batch_size], scale)
             loss = loss + region_weight * region_loss(F.normalize(region, dim=-1), texts[batch_size:],
                                                       caption_index, scale)
+            shares = patch_shares(masks, info.num_classes, grid)
+            shares = shares.gather(1, keep[..., None].expand(-1, -1, shares.shape[-1]))
+            loss = loss + attention_weight * attention_loss(attn, shares)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

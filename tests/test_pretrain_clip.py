@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from pipeline import pretrain_clip as pc
 from pipeline.datasets.world import generate_world
+from weclip.dataset import normalize, read_classes
 from weclip.model_configs import TINY_CLIP, register_model_configs
 
 TINY_RUN = dict(steps=10, batch_size=16, warmup_steps=2, num_threads=1)
@@ -121,13 +122,41 @@ def test_patch_features_average_to_open_clip_image_features():
     model = open_clip.create_model(TINY_CLIP).eval()
     images = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
-        patches, before_last = pc.encode_patches(model.visual, images)
+        patches, before_last, no_attn = pc.encode_patches(model.visual, images)
         keep = torch.tensor([[0, 5, 9], [1, 2, 255]])
-        kept, kept_before_last = pc.encode_patches(model.visual, images, keep)
+        kept, kept_before_last, attn = pc.encode_patches(model.visual, images, keep, 4)
+        assert no_attn is None
         assert patches.shape == before_last.shape == (2, 256, 128)
         assert kept.shape == kept_before_last.shape == (2, 3, 128)
+        assert attn.shape == (2, 4, 4) and torch.allclose(attn.sum(-1), torch.ones(2, 4))
         assert torch.allclose(patches.mean(1), model.encode_image(images), atol=1e-5)
         assert not torch.allclose(patches, before_last, atol=1e-2)
+
+
+def test_attention_loss_is_lowest_for_attention_that_stays_within_what_patches_show():
+    shares = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]])  # patches 0, 1: class 0; 2: class 1
+    grouped = torch.tensor([[[0.1, 0.0, 0.0, 0.0],  # the class token's row and column do not count
+                             [0.4, 0.3, 0.3, 0.0],
+                             [0.0, 0.5, 0.5, 0.0],
+                             [0.5, 0.0, 0.0, 0.5]]])
+    uniform = torch.full((1, 4, 4), 0.25)
+    assert pc.attention_loss(grouped, shares) < pc.attention_loss(uniform, shares)
+    assert torch.isclose(pc.attention_loss(grouped, shares), torch.tensor(2 / 3 * 0.6931), atol=1e-3)
+
+
+def test_attention_supervision_makes_attention_group_patches_by_class(tmp_path, world):
+    kwargs = dict(steps=12, batch_size=8, warmup_steps=2, patch_dropout=0.0, num_threads=1)
+    within = {}
+    for weight in (0.0, 5.0):
+        pc.pretrain_clip(world, tmp_path / str(weight), attention_weight=weight, **kwargs)
+        model = _reload(tmp_path / str(weight) / pc.WEIGHTS_FILE)
+        data = pc.load_split(world, "pretrain")
+        images = normalize(data.images[:8].float(), "clip")
+        with torch.no_grad():
+            _, _, attn = pc.encode_patches(model.visual, images, attention_blocks=4)
+        shares = pc.patch_shares(data.masks[:8].long(), read_classes(world).num_classes, 16)
+        within[weight] = float(pc.attention_loss(attn, shares))
+    assert within[5.0] < within[0.0]
 
 
 def test_a_region_shows_what_covers_a_tenth_of_it():
