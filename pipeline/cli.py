@@ -97,7 +97,7 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
                   attention_weight: float = typer.Option(
                       0.3, help="weight of the attention term (0: captions and regions only)"),
                   work: Path = typer.Option(Path("data/clip"), help="world and checkpoints")):
-    """Pretrain the embedded world's small CLIP from scratch (about 17 min on 2 CPU cores)."""
+    """Pretrain the embedded world's small CLIP from scratch (about 16 min on 2 CPU cores)."""
     import shutil
 
     from weclip.files import write_atomically

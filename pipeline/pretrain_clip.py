@@ -280,7 +280,7 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
     (figures on ``eval_split``, see ``zero_shot``), and returns the figures plus this call's
     per-step ``losses``. Every ``checkpoint_every`` steps a checkpoint goes to ``out_dir``; a run
     with the same settings resumes from it, and it is removed once the weights are written.
-    The defaults take about 17 minutes with 2 threads of a 2-core CPU.
+    The defaults take about 15 minutes with 2 threads of a 2-core CPU.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
