@@ -12,12 +12,11 @@ block N's output: Grad-CAM reads block N through its attention branch only, and 
 block's attention to gather the objects. A third term supervises the attention that WeCLIP's
 static refinement walks on (the last 8/12 of the blocks): trained on captions alone, this CLIP
 attends from every patch to the same salient patches, so the static walk is no better than
-uniform attention, and the decoder's first half of training learns from box-shaped pseudo labels.
-AdamW with linear warm-up and cosine decay; random
-resized crops and flips. Every random choice derives from (seed, step), so a run resumed from
-its checkpoint ends with the same weights as an uninterrupted one (for the same
-``num_threads``). The result is a plain open_clip state dict as .safetensors, plus its
-zero-shot figures on the val split.
+uniform attention, and the decoder's first half of training learns from box-shaped pseudo
+labels. AdamW with linear warm-up and cosine decay; random resized crops and flips. Every
+random choice derives from (seed, step), so a run resumed from its checkpoint ends with the
+same weights as an uninterrupted one (for the same ``num_threads``). The result is a plain
+open_clip state dict as .safetensors, plus its zero-shot figures on the val split.
 """
 from __future__ import annotations
 
@@ -35,10 +34,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.datasets.world import describe, read_captions
+from weclip.backbone import run_block
 from weclip.dataset import load_image, load_mask, normalize, read_classes, read_manifest
 from weclip.files import write_atomically
-from weclip.backbone import run_block
 from weclip.model_configs import TINY_CLIP, register_model_configs
+from weclip.refine import scaled_layers
 
 WEIGHTS_FILE = "weights.safetensors"
 METRICS_FILE = "zero_shot.json"
@@ -93,8 +93,9 @@ def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generato
             masks[:, 0].long())
 
 
-def encode_patches(visual: torch.nn.Module, images: torch.Tensor, keep: torch.Tensor | None = None,
-                   attention_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def encode_patches(visual: torch.nn.Module, images: torch.Tensor,
+                   keep: torch.Tensor | None = None, attention_blocks: int = 0
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """open_clip's image tower up to its pooling: normalised images [B, 3, S, S] -> projected
     patch features [B, K, E] (not normalised) of the patches in ``keep`` (long [B, K], FLIP's
     patch dropout), or of all patches: (after block N, whose mean is ``encode_image``'s feature;
@@ -137,7 +138,8 @@ def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: 
     cells = inside_y[:, :, None] & inside_x[:, None, :]  # [B, grid, grid]
     # The share of each class in each patch, then in the box.
     cells = cells.flatten(1).float()
-    in_box = (cells[..., None] * patch_shares(masks, num_classes, grid)).sum(1) / cells.sum(1)[:, None]
+    shares = patch_shares(masks, num_classes, grid)
+    in_box = (cells[..., None] * shares).sum(1) / cells.sum(1)[:, None]
     return cells.bool(), in_box >= min_fraction
 
 
@@ -302,9 +304,10 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
 
         data = load_split(world_dir, "pretrain")
         size, grid = model.visual.image_size[0], model.visual.grid_size[0]
+        # The blocks whose mean attention WeCLIP's static refinement walks on; none without
+        # the term.
         depth = len(model.visual.transformer.resblocks)
-        # The blocks whose mean attention WeCLIP's static refinement walks on (8 of 12).
-        attention_blocks = attention_blocks or max(1, round(depth * 8 / 12))
+        attention_blocks = (attention_blocks or scaled_layers(depth, 8)) if attention_weight else 0
         if len(data.images) < batch_size:
             raise ValueError(f"{world_dir}: {len(data.images)} pretrain images, fewer than a "
                              f"batch of {batch_size}")
@@ -342,9 +345,10 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             loss = clip_loss(F.normalize(patches.mean(1), dim=-1), texts[:batch_size], scale)
             loss = loss + region_weight * region_loss(F.normalize(region, dim=-1), texts[batch_size:],
                                                       caption_index, scale)
-            shares = patch_shares(masks, info.num_classes, grid)
-            shares = shares.gather(1, keep[..., None].expand(-1, -1, shares.shape[-1]))
-            loss = loss + attention_weight * attention_loss(attn, shares)
+            if attention_weight:
+                shares = patch_shares(masks, info.num_classes, grid)
+                shares = shares.gather(1, keep[..., None].expand(-1, -1, shares.shape[-1]))
+                loss = loss + attention_weight * attention_loss(attn, shares)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -11,7 +11,8 @@ from .backbone import BackboneFeatures, FrozenCLIP
 from .cam import PresentClasses, box_mask, grad_cam, min_max
 from .decoder import Decoder, affinity
 from .par import PAR
-from .refine import refine_cams, select_attention, static_attention, transition_matrix
+from .refine import (refine_cams, scaled_layers, select_attention, static_attention,
+                     transition_matrix)
 
 REFINEMENTS = ("none", "static", "rfm")
 
@@ -44,8 +45,8 @@ class WeCLIP(nn.Module):
         self.backbone = backbone
         depth = backbone.depth
         self.box_threshold = box_threshold
-        self.static_layers = static_layers or max(1, round(depth * 8 / 12))
-        self.rfm_layers = rfm_layers or max(1, round(depth * 6 / 12))
+        self.static_layers = static_layers or scaled_layers(depth, 8)
+        self.rfm_layers = rfm_layers or scaled_layers(depth, 6)
         self.rfm_signed = rfm_signed
         self.background_power = background_power
         # Text features are fixed: encode once, keep with the module, leave out of checkpoints.

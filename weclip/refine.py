@@ -21,6 +21,11 @@ def transition_matrix(attn: torch.Tensor) -> torch.Tensor:
     return t @ t
 
 
+def scaled_layers(depth: int, of_12: int) -> int:
+    """The paper's layer count for ViT-B's 12 blocks (8 static, 6 RFM), scaled to ``depth``."""
+    return max(1, round(depth * of_12 / 12))
+
+
 def static_attention(attn: torch.Tensor, last: int = 8) -> torch.Tensor:
     """The mean of the last ``last`` maps: attn [B, L, N, N] -> [B, N, N]."""
     return attn[:, -last:].mean(1)
