@@ -117,17 +117,17 @@ def encode_patches(visual: torch.nn.Module, images: torch.Tensor,
     return x[:, 1:] @ visual.proj, before_last, torch.stack(maps).mean(0) if maps else None
 
 
-def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: torch.Generator,
+def sample_regions(shares: torch.Tensor, grid: int, generator: torch.Generator,
                    side: tuple[float, float] = (0.25, 0.6), min_fraction: float = 0.1
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """One random box of patches per image and what it shows.
 
-    masks: long [B, S, S], 0 background and 1..num_classes - 1 the classes. A box is ``side``
-    of the grid wide and high (each drawn). Returns (cells bool [B, grid * grid], the box's patches;
-    shown bool [B, num_classes], where a class or the background (index 0) covers at least
-    ``min_fraction`` of the box).
+    shares: [B, grid * grid, C] each patch's class shares (``patch_shares``; index 0 the
+    background). A box is ``side`` of the grid wide and high (each drawn). Returns (cells bool
+    [B, grid * grid], the box's patches; shown bool [B, C], where a class or the background
+    covers at least ``min_fraction`` of the box).
     """
-    b = masks.shape[0]
+    b = shares.shape[0]
     lo, hi = max(1, round(side[0] * grid)), round(side[1] * grid)
     h, w = torch.randint(lo, hi + 1, (2, b), generator=generator)
     y0 = (torch.rand(b, generator=generator) * (grid - h + 1)).long()
@@ -135,10 +135,7 @@ def sample_regions(masks: torch.Tensor, num_classes: int, grid: int, generator: 
     cell = torch.arange(grid)[None]
     inside_y = (cell >= y0[:, None]) & (cell < (y0 + h)[:, None])
     inside_x = (cell >= x0[:, None]) & (cell < (x0 + w)[:, None])
-    cells = inside_y[:, :, None] & inside_x[:, None, :]  # [B, grid, grid]
-    # The share of each class in each patch, then in the box.
-    cells = cells.flatten(1).float()
-    shares = patch_shares(masks, num_classes, grid)
+    cells = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).float()  # [B, grid * grid]
     in_box = (cells[..., None] * shares).sum(1) / cells.sum(1)[:, None]
     return cells.bool(), in_box >= min_fraction
 
@@ -329,7 +326,8 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
             images, masks = augment(data.images[index], data.masks[index], generator)
             keep = torch.rand(batch_size, grid * grid, generator=generator).argsort(1)[:, :n_keep]
-            cells, shown = sample_regions(masks, info.num_classes, grid, generator)
+            shares = patch_shares(masks, info.num_classes, grid)
+            cells, shown = sample_regions(shares, grid, generator)
             captions = [describe((row[1:].nonzero()[:, 0] + 1).tolist(),
                                  data.backgrounds[i] if row[0] else None)
                         for i, row in zip(index, shown)]
@@ -346,9 +344,8 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             loss = loss + region_weight * region_loss(F.normalize(region, dim=-1), texts[batch_size:],
                                                       caption_index, scale)
             if attention_weight:
-                shares = patch_shares(masks, info.num_classes, grid)
-                shares = shares.gather(1, keep[..., None].expand(-1, -1, shares.shape[-1]))
-                loss = loss + attention_weight * attention_loss(attn, shares)
+                kept = shares.gather(1, keep[..., None].expand(-1, -1, shares.shape[-1]))
+                loss = loss + attention_weight * attention_loss(attn, kept)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -146,15 +146,15 @@ def test_attention_loss_is_lowest_for_attention_that_stays_within_what_patches_s
 
 def test_attention_supervision_makes_attention_group_patches_by_class(tmp_path, world):
     kwargs = dict(steps=12, batch_size=8, warmup_steps=2, patch_dropout=0.0, num_threads=1)
+    data = pc.load_split(world, "pretrain")
+    images = normalize(data.images[:8].float(), "clip")
+    shares = pc.patch_shares(data.masks[:8].long(), read_classes(world).num_classes, 16)
     within = {}
     for weight in (0.0, 5.0):
         pc.pretrain_clip(world, tmp_path / str(weight), attention_weight=weight, **kwargs)
         model = _reload(tmp_path / str(weight) / pc.WEIGHTS_FILE)
-        data = pc.load_split(world, "pretrain")
-        images = normalize(data.images[:8].float(), "clip")
         with torch.no_grad():
             _, _, attn = pc.encode_patches(model.visual, images, attention_blocks=4)
-        shares = pc.patch_shares(data.masks[:8].long(), read_classes(world).num_classes, 16)
         within[weight] = float(pc.attention_loss(attn, shares))
     assert within[5.0] < within[0.0]
 
@@ -162,7 +162,8 @@ def test_attention_supervision_makes_attention_group_patches_by_class(tmp_path, 
 def test_a_region_shows_what_covers_a_tenth_of_it():
     masks = torch.zeros(64, 128, 128, dtype=torch.long)
     masks[:, :, :32] = 2  # class 2 fills the left quarter
-    cells, shown = pc.sample_regions(masks, 4, 16, torch.Generator().manual_seed(0))
+    shares = pc.patch_shares(masks, 4, 16)
+    cells, shown = pc.sample_regions(shares, 16, torch.Generator().manual_seed(0))
     assert cells.shape == (64, 256) and shown.shape == (64, 4)
     boxes = cells.view(64, 16, 16)
     sides = boxes.any(2).sum(1), boxes.any(1).sum(1)
