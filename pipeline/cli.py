@@ -19,7 +19,7 @@ SetOption = typer.Option(None, "--set", "-S", help="override a parameter: -S tra
 TagOption = typer.Option(None, "--tag", help="extra Prefect tags for the run")
 
 
-def _load(params_path: Path, overrides: Optional[list[str]]):
+def _load(params_path: Optional[Path], overrides: Optional[list[str]]):
     import yaml
 
     from .params import load_params
@@ -33,9 +33,18 @@ def _load(params_path: Path, overrides: Optional[list[str]]):
     return load_params(params_path, values)
 
 
-def _run(flow_name: str, params, tags: Optional[list[str]]):
-    """Run a flow of pipeline.flows with Prefect configured, tagged with the stage and any DVC
-    experiment name."""
+# The stages that run across processes (`<stage>.nproc` of them); each is the function of its
+# name in the module of its name, which a rank other than 0 runs without Prefect.
+DISTRIBUTED = ("cache", "train", "infer")
+
+
+def _run(stage: str, params, tags: Optional[list[str]]):
+    """Run a stage's flow of pipeline.flows with Prefect configured, tagged with the stage and
+    any DVC experiment name; on a rank other than 0, the stage function alone."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        import importlib
+
+        return getattr(importlib.import_module(f"pipeline.{stage}"), stage)(params)
     from .prefect_env import configure
 
     configure()
@@ -43,11 +52,23 @@ def _run(flow_name: str, params, tags: Optional[list[str]]):
 
     from . import flows
 
-    run_tags = [f"stage:{flow_name.removesuffix('_flow')}", *(tags or [])]
+    run_tags = [f"stage:{stage}", *(tags or [])]
     if os.environ.get("DVC_EXP_NAME"):
         run_tags.append(f"dvc-exp:{os.environ['DVC_EXP_NAME']}")
     with prefect_tags(*run_tags):
-        return getattr(flows, flow_name)(params)
+        return getattr(flows, stage.replace("-", "_") + "_flow")(params)
+
+
+def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> int:
+    """Run this command again as ``nproc`` processes under torch's launcher; its exit code."""
+    import subprocess
+
+    from .distributed import launch_command
+
+    argv = ["pipeline.cli", stage, "--params", str(params_path)]
+    argv += [a for item in overrides or [] for a in ("-S", item)]
+    argv += [a for tag in tags or [] for a in ("--tag", tag)]
+    return subprocess.run(launch_command(nproc, argv)).returncode
 
 
 STAGES = {
@@ -63,7 +84,13 @@ STAGES = {
 def _stage_command(stage: str, help_text: str):
     def command(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
                 tag: Optional[list[str]] = TagOption):
-        typer.echo(_run(stage.replace("-", "_") + "_flow", _load(params, set_), tag))
+        p = _load(params, set_)
+        nproc = getattr(p, stage).nproc if stage in DISTRIBUTED else 1
+        if nproc > 1 and "LOCAL_RANK" not in os.environ:
+            raise typer.Exit(_launch(stage, params, set_, tag, nproc))
+        result = _run(stage, p, tag)
+        if int(os.environ.get("RANK", "0")) == 0:
+            typer.echo(result)
 
     command.__doc__ = help_text
     return command
@@ -75,18 +102,27 @@ for _stage, _help in STAGES.items():
 
 @app.command()
 def predict(images: list[Path] = typer.Argument(..., help="image files to segment"),
+            model: Path = typer.Option(Path("runs/train/model.pt"), help="a trained model.pt"),
             out: Path = typer.Option(Path("predictions"), help="folder for the PNGs"),
-            model: Optional[Path] = typer.Option(None, help="model.pt (default: train.out's)"),
-            params: Path = ParamsOption, set_: Optional[list[str]] = SetOption):
-    """Segment images outside any dataset: a palette mask and an overlay PNG per image."""
+            params: Optional[Path] = typer.Option(
+                None, "--params", "-p", help="a params file whose `infer` settings to use "
+                "(default: the built-in multi-scale + flip + CRF settings)"),
+            set_: Optional[list[str]] = SetOption):
+    """Segment images with a trained model, from any folder: a palette mask and an overlay PNG
+    per image."""
     from .infer import predict_files
 
-    p = _load(params, set_)
-    model = model or Path(p.train.out) / "model.pt"
-    if not model.exists():
-        raise typer.BadParameter(f"{model}: no trained model (run `weclip train` or pass --model)")
-    for path in predict_files(p, model, images, out):
+    for path in predict_files(model, images, out, _load(params, set_).infer):
         typer.echo(path)
+
+
+@app.command()
+def recipe(name: str = typer.Argument(..., help="world, voc or coco (a file of params/)"),
+           out: Path = typer.Option(Path("params.yaml"), help="where to write it")):
+    """Write params.yaml from a recipe of params/ over the defaults: `weclip recipe voc`."""
+    from .params import write_recipe
+
+    typer.echo(write_recipe(name, out))
 
 
 @app.command("pretrain-clip")
@@ -120,13 +156,12 @@ def benchmark(arch: str = "ViT-B-16", batch: int = 4, crop: int = 320,
               device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)"),
               steps: int = 10, warmup: int = 2, amp: bool = False, long_side: int = 512,
               infer_images: int = 5):
-    """Print training-step time, peak memory and inference images/s (random weights)."""
-    from weclip import benchmark as bench
+    """Print the training step's time per phase, its peak memory and inference images/s
+    (random weights)."""
+    from weclip.benchmark import run_benchmark
 
-    argv = ["--arch", arch, "--batch", str(batch), "--crop", str(crop), "--steps", str(steps),
-            "--warmup", str(warmup), "--long-side", str(long_side),
-            "--infer-images", str(infer_images)] + (["--device", device] if device else [])
-    bench.main(argv + (["--amp"] if amp else []))
+    run_benchmark(arch, batch=batch, crop=crop, device=device, steps=steps, warmup=warmup,
+                  amp=amp, long_side=long_side, infer_images=infer_images)
 
 
 if __name__ == "__main__":

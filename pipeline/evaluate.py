@@ -1,6 +1,6 @@
 """The evaluate stage: mIoU of every step of the method, as tables, metrics and plots.
 
-The ablation runs on the train split, where pseudo labels are made: the initial Grad-CAM, the
+The ablation runs on ``evaluate.pseudo_split`` (VOC's own train list, as the paper scores it): the initial Grad-CAM, the
 statically refined CAM, the RFM-refined CAM (each as background = 1 - max, argmax, no PAR), and
 the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
 single scale, multi-scale + flip, and with DenseCRF (the final result); with
@@ -17,15 +17,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from weclip import load_model
 from weclip.dataset import EvalDataset, load_mask, read_classes
-from weclip.decoder import affinity
 from weclip.metrics import confusion_matrix, mean_iou
-from weclip.refine import select_attention, static_attention, transition_matrix
+from weclip.refine import transition_matrix
 
-from .infer import load_trained
+from . import distributed
+from .common import score
+from .params import Params
 from .report import (iou_table, write_confusion, write_metrics, write_per_class_iou,
                      write_qualitative, write_tables)
-from .train import resolve_device, score
 
 CAM_STEPS = {"initial CAM": ("none", False), "static CAM": ("static", False),
              "RFM CAM": ("rfm", False), "pseudo labels (RFM + PAR)": ("rfm", True)}
@@ -39,14 +40,13 @@ def cam_confusions(model, data: EvalDataset, device, limit: int | None = None) -
     c = model.num_classes
     out = {name: torch.zeros(c, c, dtype=torch.long) for name in CAM_STEPS}
     for i in tqdm(data.with_masks(limit), desc="cam ablation", unit="image"):
-        image, _, mask, labels, _ = data[i]
-        image, labels = image[None].to(device), labels[None]
-        features = model.backbone(image)
-        aff = affinity(model.decoder(features.tokens[:, :, 1:], features.grid)[1])
+        item = data[i]
+        image, labels = item.image[None].to(device), item.labels[None]
+        features = model.features(image)
+        aff = model(image, features=features, with_affinity=True).affinity
         for name, (refinement, par) in CAM_STEPS.items():
-            cams, pairs = model.cams(image, labels, features, aff, refinement)
-            pseudo = model.cam_labels(image, cams, pairs, par=par)[0].cpu()
-            out[name] += confusion_matrix(pseudo, mask, c)
+            pseudo = model.pseudo_labels(image, labels, features, aff, refinement, par)[0].cpu()
+            out[name] += confusion_matrix(pseudo, item.mask, c)
     return out
 
 
@@ -63,22 +63,23 @@ def attention_agreement(model, data: EvalDataset, device, limit: int | None = No
     totals = {"foreground": {}, "background": {}}
     counts = dict.fromkeys(totals, 0)
     for i in data.with_masks(limit):
-        image, _, mask, _, _ = data[i]
-        features = model.backbone(image[None].to(device))
+        item = data[i]
+        image = item.image[None].to(device)
+        features = model.features(image)
         h, w = features.grid
-        cells = F.interpolate(mask[None, None].float(), size=(h, w), mode="nearest").flatten().long()
+        cells = F.interpolate(item.mask[None, None].float(), size=(h, w), mode="nearest")
+        cells = cells.flatten().long()
         cells = cells.to(device)
         valid = cells != data.info.ignore_index
         rows = {"foreground": valid & (cells > 0), "background": cells == 0}
         targets = {"foreground": (cells[:, None] == cells[None]).float(),
                    "background": (cells == 0).float().expand(len(cells), -1)}
-        attn = features.attn[:, :, 1:, 1:].float()
-        aff = affinity(model.decoder(features.tokens[:, :, 1:], features.grid)[1])
-        rfm, _ = select_attention(attn, aff, model.rfm_layers, model.rfm_signed)
-        maps = {f"block {b + 1}": attn[0, b] for b in range(attn.shape[1])}
-        maps["static walk"] = transition_matrix(static_attention(attn, model.static_layers))[0]
-        maps["RFM walk"] = transition_matrix(rfm)[0]
-        maps["uniform"] = torch.ones_like(attn[0, 0])
+        attn = features.attn[0, :, 1:, 1:].float()
+        aff = model(image, features=features, with_affinity=True).affinity
+        maps = {f"block {b + 1}": attn[b] for b in range(len(attn))}
+        maps["static walk"] = transition_matrix(model.walk(features, aff, "static"))[0]
+        maps["RFM walk"] = transition_matrix(model.walk(features, aff, "rfm"))[0]
+        maps["uniform"] = torch.ones_like(attn[0])
         for side, chosen in rows.items():
             if not chosen.any():
                 continue
@@ -90,7 +91,7 @@ def attention_agreement(model, data: EvalDataset, device, limit: int | None = No
             for side, t in totals.items()}
 
 
-def prediction_confusions(params, data: EvalDataset, num_classes: int) -> dict:
+def prediction_confusions(params: Params, data: EvalDataset, num_classes: int) -> dict:
     """Confusion matrices of the infer stage's PNGs against the masks of its split."""
     out = {}
     for name, variant in PREDICTIONS.items():
@@ -103,20 +104,21 @@ def prediction_confusions(params, data: EvalDataset, num_classes: int) -> dict:
     return out
 
 
-def evaluate(params, model_path: str | Path):
-    """Write the reports under ``evaluate.out``; returns (metrics, per-class IoU table)."""
+def evaluate(params: Params, model_path: str | Path | None = None):
+    """Write the reports under ``evaluate.out`` for ``model_path`` (default: train.out's
+    model.pt); returns (metrics, per-class IoU table)."""
+    model_path = model_path or Path(params.train.out) / "model.pt"
     e, root = params.evaluate, params.dataset_dir
     out = Path(e.out)
     info = read_classes(root)
-    device = resolve_device(params.infer.device)
-    model = load_trained(params, model_path, device)
-    norm = params.clip.normalization
-    val = EvalDataset(root, params.infer.split, norm)
-    train_data = EvalDataset(root, params.train.split, norm)
+    device = distributed.local_device(params.infer.device)
+    model = load_model(model_path, device)
+    val = EvalDataset(root, params.infer.split)
+    train_data = EvalDataset(root, e.pseudo_split)
     cams = cam_confusions(model, train_data, device, e.train_images)
     preds = prediction_confusions(params, val, info.num_classes)
     if params.upper_bound.enabled:
-        bound = load_trained(params, Path(params.upper_bound.out) / "model.pt", device)
+        bound = load_model(Path(params.upper_bound.out) / "model.pt", device)
         preds["fully supervised"] = score(bound, val, device, pseudo=False)["prediction"]
 
     table = iou_table({**cams, **preds}, info.classes)
@@ -132,10 +134,10 @@ def evaluate(params, model_path: str | Path):
     write_metrics(metrics, out / "metrics.json")
     samples = []
     for i in val.with_masks(e.qualitative):
-        _, raw, mask, _, _ = val[i]
-        image_id = val.records[i].image_id
-        pred = load_mask(Path(params.infer.out) / "crf" / f"{image_id}.png")
-        samples.append((np.asarray(raw.permute(1, 2, 0), np.uint8), mask.numpy(), pred.numpy(), image_id))
+        item = val[i]
+        pred = load_mask(Path(params.infer.out) / "crf" / f"{item.image_id}.png")
+        samples.append((np.asarray(item.image.permute(1, 2, 0), np.uint8), item.mask.numpy(),
+                        pred.numpy(), item.image_id))
     if samples:
         write_qualitative(samples, out / "qualitative.png")
     return metrics, table

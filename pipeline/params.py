@@ -1,4 +1,9 @@
-"""params.yaml, typed: one dataclass per stage group, unknown keys refused by name."""
+"""params.yaml, typed: one dataclass per stage group, unknown keys refused by name.
+
+The defaults here (and the model's, ``weclip.config.ModelConfig``) are the paper's VOC
+settings as the authors' code runs them. A recipe (``params/<name>.yaml``) states only what
+differs from them; ``write_recipe`` renders one in full as params.yaml, which DVC reads.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -9,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from weclip.config import ModelConfig
+
+RECIPES = Path(__file__).resolve().parent.parent / "params"
 
 
 @dataclass
@@ -21,7 +30,7 @@ class WorldParams:
 
 @dataclass
 class DataParams:
-    dataset: str = "world"  # world | voc | coco | folder
+    dataset: str = "voc"  # world | voc | coco | folder
     seed: int = 0  # the synthetic world's seed
     out: str = "data/prepared"
     skip_bad: bool = False
@@ -33,38 +42,16 @@ class DataParams:
 
 
 @dataclass
-class ClipParams:
-    arch: str = "ViT-B-16-quickgelu"
-    weights: str | None = None  # a file, an open_clip pretrained tag, or null for random
-    template: str = "a clean origami {}."
-    normalization: str = "imagenet"
-
-
-@dataclass
-class ModelParams:
-    decoder_dim: int = 256
-    decoder_layers: int = 3
-    decoder_heads: int = 8
-    dropout: float = 0.1
-    box_threshold: float = 0.4
-    static_layers: int | None = None  # null: 8/12 of the backbone's depth
-    rfm_layers: int | None = None  # null: 6/12 of the backbone's depth
-    rfm_signed: bool = True
-    background_power: float = 1.0
-    par_dilations: list = field(default_factory=lambda: [1, 2, 4, 8, 12, 24])
-    par_iters: int = 20
-
-
-@dataclass
 class CacheParams:
     path: str = "data/cache/train.zarr"
     batch_size: int = 8
     device: str = "auto"
+    nproc: int = 1  # processes (GPUs) that share the images
 
 
 @dataclass
 class TrainParams:
-    split: str = "train"
+    split: str = "train_aug"
     val_split: str = "val"
     features: str = "online"  # online | cache
     supervision: str = "pseudo"  # pseudo | masks (ground truth: the fully supervised bound)
@@ -72,7 +59,10 @@ class TrainParams:
     amp: bool = False
     seed: int = 1
     iters: int = 30000
-    rfm_start: int = 15000  # iterations before this use static refinement
+    # Iterations before this one (counted from 0) use static refinement. The paper says
+    # 15000; the authors' code switches at 9144 on VOC (docs/method.md, section 8).
+    rfm_start: int = 9144
+    nproc: int = 1  # processes (GPUs) to train on; train.batch_size is split among them
     batch_size: int = 4
     crop_size: int = 320
     scale_range: list = field(default_factory=lambda: [0.5, 2.0])
@@ -87,9 +77,9 @@ class TrainParams:
     affinity_weight: float = 0.1
     workers: int = 2
     log_every: int = 50
-    checkpoint_every: int = 500
+    checkpoint_every: int = 1000
     eval_every: int = 2000
-    eval_images: int = 200  # images of each split scored at a periodic evaluation
+    eval_images: int = 1449  # images of each split scored at a periodic evaluation
     out: str = "runs/train"
 
 
@@ -113,12 +103,14 @@ class InferParams:
     workers: int = 2
     device: str = "auto"
     export_pseudo: bool = True  # also write the train split's pseudo labels as PNGs
+    nproc: int = 1  # processes (GPUs) that share the images
     out: str = "runs/infer"
 
 
 @dataclass
 class EvaluateParams:
-    train_images: int | None = 500  # train images in the CAM ablation (null: all)
+    pseudo_split: str = "train"  # where pseudo labels are scored: VOC's own 1,464 train images
+    train_images: int | None = None  # images of pseudo_split in the CAM ablation (null: all)
     qualitative: int = 4
     out: str = "reports"
 
@@ -133,8 +125,7 @@ class UpperBoundParams:
 @dataclass
 class Params:
     data: DataParams = field(default_factory=DataParams)
-    clip: ClipParams = field(default_factory=ClipParams)
-    model: ModelParams = field(default_factory=ModelParams)
+    model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheParams = field(default_factory=CacheParams)
     train: TrainParams = field(default_factory=TrainParams)
     infer: InferParams = field(default_factory=InferParams)
@@ -161,14 +152,21 @@ def _build(cls, values: dict, where: str):
     return cls(**kwargs)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
-    """Params from ``path`` (missing keys take the defaults above), then dotted ``overrides``
-    such as {"train.iters": 10}."""
-    path = Path(path)
+def _read_yaml(path: Path) -> dict:
     try:
-        values = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+        return yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: parameters file not found") from None
     except yaml.YAMLError as e:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
+
+
+def load_params(path: str | Path | None = "params.yaml",
+                overrides: dict[str, Any] | None = None) -> Params:
+    """Params from ``path`` (missing keys take the defaults above; None: the defaults alone),
+    then dotted ``overrides`` such as {"train.iters": 10}."""
+    values = _read_yaml(Path(path)) if path is not None else {}
+    path = path or "defaults"
     for dotted, value in (overrides or {}).items():
         *parents, key = dotted.split(".")
         node = values
@@ -178,13 +176,26 @@ def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | No
     return _build(Params, values, str(path))
 
 
+def write_recipe(name: str, out: str | Path = "params.yaml") -> Path:
+    """Render recipe ``params/<name>.yaml`` over the defaults as a complete params file."""
+    recipe = RECIPES / f"{name}.yaml"
+    params = load_params(recipe)
+    header = (f"# The {name!r} recipe in full: params/{name}.yaml over the defaults, written by\n"
+              f"# `weclip recipe {name}`. Edit the recipe and rerun that, or edit this file for a\n"
+              "# one-off run; docs/method.md explains every model and training setting.\n")
+    text = header + yaml.safe_dump(dataclasses.asdict(params), sort_keys=False)
+    Path(out).write_text(text)
+    return Path(out)
+
+
 def params_fingerprint(params: Params, groups: tuple[str, ...]) -> str:
-    """A digest of the named groups, and with 'clip' of the CLIP weight file's contents:
+    """A digest of the named groups, and with 'model' of the CLIP weight file's contents:
     resumable outputs kept across runs (DVC `persist`) are reused only by a run with the same
     settings and weights."""
     values = {g: dataclasses.asdict(getattr(params, g)) for g in groups}
-    if "clip" in groups and params.clip.weights and Path(params.clip.weights).is_file():
-        values["clip_weights_digest"] = file_digest(params.clip.weights)
+    weights = params.model.weights
+    if "model" in groups and weights and Path(weights).is_file():
+        values["clip_weights_digest"] = file_digest(weights)
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -1,22 +1,15 @@
 """Pretrain the small CLIP (weclip/model_configs) from scratch on the synthetic world.
 
-Contrastive image-caption training (open_clip's ClipLoss, InfoNCE both ways) on the world's
-'pretrain' split, which no later stage uses, so that CLIP never sees the val images. A second
-contrastive term pairs a random region of each image with a caption of what the region shows;
-the region's feature is the mean of its patch tokens after blocks 1..N-1 (through ln_post and
-the projection), computed in the context of the whole image. Trained on whole images alone, a
-small CLIP copies the objects' features into every patch, and its Grad-CAM, taken on block N-1's
-tokens, hardly tells an object's patches from the background's (initial CAM 41 mIoU on 100 world
-train images); the region term makes those tokens say what they show (70). It is not applied to
-block N's output: Grad-CAM reads block N through its attention branch only, and needs that
-block's attention to gather the objects. A third term supervises the attention that WeCLIP's
-static refinement walks on (the last 8/12 of the blocks): trained on captions alone, this CLIP
-attends from every patch to the same salient patches, so the static walk is no better than
-uniform attention, and the decoder's first half of training learns from box-shaped pseudo
-labels. AdamW with linear warm-up and cosine decay; random resized crops and flips. Every
-random choice derives from (seed, step), so a run resumed from its checkpoint ends with the
-same weights as an uninterrupted one (for the same ``num_threads``). The result is a plain
-open_clip state dict as .safetensors, plus its zero-shot figures on the val split.
+Trains on the world's 'pretrain' split with three terms: open_clip's ClipLoss on (image,
+caption); a region term, InfoNCE between a random region of each image and a caption of what
+the region shows, the region's feature being the mean of its patch tokens after blocks 1..N-1
+(through ln_post and the projection), computed in the context of the whole image; and an
+attention term that pulls the mean attention of the blocks WeCLIP's static refinement walks on
+towards grouping patches by what they show. AdamW with linear warm-up and cosine decay; random
+resized crops, flips and FLIP patch dropout. Every random choice derives from (seed, step), so
+a run resumed from its checkpoint ends with the same weights as an uninterrupted one (for the
+same ``num_threads``). The result is a plain open_clip state dict as .safetensors, plus its
+zero-shot figures on the val split.
 """
 from __future__ import annotations
 
@@ -34,10 +27,11 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.datasets.world import describe, read_captions
-from weclip.backbone import run_block
-from weclip.dataset import load_image, load_mask, normalize, read_classes, read_manifest
+from weclip.backbone import embed, normalize, run_block
+from weclip.dataset import load_image, load_mask, read_classes, read_manifest
 from weclip.files import write_atomically
 from weclip.model_configs import TINY_CLIP, register_model_configs
+from weclip.optim import cosine_warmup
 from weclip.refine import scaled_layers
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -101,11 +95,7 @@ def encode_patches(visual: torch.nn.Module, images: torch.Tensor,
     patch dropout), or of all patches: (after block N, whose mean is ``encode_image``'s feature;
     after block N-1, through the same ln_post and projection; the head-averaged attention
     [B, 1+K, 1+K] of the last ``attention_blocks`` blocks, averaged, or None for 0)."""
-    x = visual.conv1(images).flatten(2).transpose(1, 2) + visual.positional_embedding[1:]
-    if keep is not None:
-        x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
-    cls_token = (visual.class_embedding + visual.positional_embedding[0]).expand(x.shape[0], 1, -1)
-    x = visual.ln_pre(torch.cat([cls_token, x], 1))
+    x = embed(visual, images, keep)
     blocks, maps = visual.transformer.resblocks, []
     for i, block in enumerate(blocks):
         if i == len(blocks) - 1:
@@ -173,14 +163,6 @@ def attention_loss(attn: torch.Tensor, shares: torch.Tensor) -> torch.Tensor:
     return -(target * attn.clamp(min=1e-8).log()).sum(-1).mean()
 
 
-def learning_rate(step: int, steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Linear warm-up to ``base_lr`` over ``warmup_steps``, then cosine decay to 0 at ``steps``."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, steps - warmup_steps)
-    return 0.5 * base_lr * (1 + math.cos(math.pi * progress))
-
-
 def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW; as in CLIP, gains, biases, embeddings of rank 1 and the logit scale get no decay."""
     decay, no_decay = [], []
@@ -199,6 +181,60 @@ def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
     epoch, offset = divmod(step, per_epoch)
     order = np.random.default_rng([seed, epoch]).permutation(n)
     return order[offset * batch_size:(offset + 1) * batch_size]
+
+
+@dataclass
+class Batch:
+    """One step's batch of B augmented images and its random choices."""
+
+    images: torch.Tensor  # normalised [B, 3, S, S]
+    captions: list[str]  # [B] the images' captions
+    keep: torch.Tensor  # long [B, K] the patches kept (FLIP's patch dropout)
+    shares: torch.Tensor  # [B, grid * grid, C] each patch's class shares (``patch_shares``)
+    cells: torch.Tensor  # bool [B, grid * grid] each image's region (``sample_regions``)
+    region_captions: list[str]  # [B] what each region shows
+
+
+def sample_batch(data: Split, step: int, batch_size: int, seed: int, grid: int, n_keep: int,
+                 num_classes: int) -> Batch:
+    """Step ``step``'s batch of ``data``, each random choice drawn from (``seed``, ``step``), so
+    that a resumed run draws the batches an uninterrupted one would."""
+    index = batch_indices(step, len(data.images), batch_size, seed)
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    images, masks = augment(data.images[index], data.masks[index], generator)
+    keep = torch.rand(batch_size, grid * grid, generator=generator).argsort(1)[:, :n_keep]
+    shares = patch_shares(masks, num_classes, grid)
+    cells, shown = sample_regions(shares, grid, generator)
+    region_captions = [describe((row[1:].nonzero()[:, 0] + 1).tolist(),
+                                data.backgrounds[i] if row[0] else None)
+                       for i, row in zip(index, shown)]
+    return Batch(normalize(images, "clip"), [data.captions[i] for i in index], keep, shares,
+                 cells, region_captions)
+
+
+def batch_loss(model: torch.nn.Module, tokenizer, batch: Batch, region_weight: float,
+               attention_weight: float, attention_blocks: int) -> torch.Tensor:
+    """The training loss of ``batch``, a scalar: ClipLoss on (image, caption) plus
+    ``region_weight`` x ``region_loss`` on (region, what it shows) plus ``attention_weight`` x
+    ``attention_loss`` on the mean attention of the last ``attention_blocks`` blocks."""
+    b = len(batch.captions)
+    distinct = sorted(set(batch.region_captions))
+    caption_index = torch.tensor([distinct.index(c) for c in batch.region_captions])
+    patches, before_last, attn = encode_patches(model.visual, batch.images, batch.keep,
+                                                attention_blocks)
+    # Regions read block N-1's tokens, not block N's: Grad-CAM reads block N through its
+    # attention branch only, and needs that block's attention to gather the objects.
+    in_region = batch.cells.gather(1, batch.keep).float()[..., None]  # [B, K, 1]
+    region = (before_last * in_region).sum(1) / in_region.sum(1).clamp(min=1)
+    texts = model.encode_text(tokenizer(batch.captions + distinct), normalize=True)
+    scale = model.logit_scale.exp()
+    loss = open_clip.ClipLoss()(F.normalize(patches.mean(1), dim=-1), texts[:b], scale)
+    loss = loss + region_weight * region_loss(F.normalize(region, dim=-1), texts[b:],
+                                              caption_index, scale)
+    if attention_weight:
+        kept = batch.shares.gather(1, batch.keep[..., None].expand(-1, -1, batch.shares.shape[-1]))
+        loss = loss + attention_weight * attention_loss(attn, kept)
+    return loss
 
 
 @torch.no_grad()
@@ -268,10 +304,9 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
                   template: str = "a photo of {}.") -> dict:
     """Pretrain ``model_name`` on ``world_dir``'s 'pretrain' split for ``steps`` batches.
 
-    The loss is ClipLoss on (image, caption) plus ``region_weight`` x ``region_loss`` on (a
-    random region of the image's block N-1 tokens, ``describe`` of what it shows) plus
-    ``attention_weight`` x ``attention_loss`` on the mean attention of the last
-    ``attention_blocks`` blocks (default: 8/12 of the depth, as WeCLIP's static refinement).
+    The loss is ``batch_loss``; ``attention_blocks`` defaults to 8/12 of the depth, the blocks
+    WeCLIP's static refinement walks on. AdamW (``make_optimizer``) at ``lr`` with ``warmup_steps``
+    of linear warm-up, then cosine decay to 0 at ``steps`` (``cosine_warmup``).
     ``patch_dropout`` is the share of patches dropped (FLIP): it trades a little accuracy per
     step for about twice the steps per second.
 
@@ -297,7 +332,8 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
         model = open_clip.create_model(model_name)
         tokenizer = open_clip.get_tokenizer(model_name)
         optimizer = make_optimizer(model, lr, weight_decay)
-        start = _resume(out_dir / CHECKPOINT_FILE, settings, model, optimizer)
+        scheduler = cosine_warmup(optimizer, steps, warmup_steps)
+        start = _resume(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler)
 
         data = load_split(world_dir, "pretrain")
         size, grid = model.visual.image_size[0], model.visual.grid_size[0]
@@ -312,51 +348,28 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             raise ValueError(f"{world_dir}: images of {data.images.shape[-1]} px, {model_name} "
                              f"takes {size} px")
         info = read_classes(world_dir)
-        tokens = tokenizer(data.captions)
         n_keep = max(1, round(grid * grid * (1 - patch_dropout)))
-        clip_loss = open_clip.ClipLoss()
         losses = []
         progress = tqdm(range(start, steps), initial=start, total=steps, desc="pretrain CLIP")
         model.train()
         for step in progress:
-            step_lr = learning_rate(step, steps, warmup_steps, lr)
-            for group in optimizer.param_groups:
-                group["lr"] = step_lr
-            index = batch_indices(step, len(data.images), batch_size, seed)
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-            images, masks = augment(data.images[index], data.masks[index], generator)
-            keep = torch.rand(batch_size, grid * grid, generator=generator).argsort(1)[:, :n_keep]
-            shares = patch_shares(masks, info.num_classes, grid)
-            cells, shown = sample_regions(shares, grid, generator)
-            captions = [describe((row[1:].nonzero()[:, 0] + 1).tolist(),
-                                 data.backgrounds[i] if row[0] else None)
-                        for i, row in zip(index, shown)]
-            distinct = sorted(set(captions))
-            caption_index = torch.tensor([distinct.index(c) for c in captions])
-
-            patches, before_last, attn = encode_patches(model.visual, normalize(images, "clip"),
-                                                        keep, attention_blocks)
-            in_region = cells.gather(1, keep).float()[..., None]  # [B, K, 1]
-            region = (before_last * in_region).sum(1) / in_region.sum(1).clamp(min=1)
-            texts = model.encode_text(torch.cat([tokens[index], tokenizer(distinct)]), normalize=True)
-            scale = model.logit_scale.exp()
-            loss = clip_loss(F.normalize(patches.mean(1), dim=-1), texts[:batch_size], scale)
-            loss = loss + region_weight * region_loss(F.normalize(region, dim=-1), texts[batch_size:],
-                                                      caption_index, scale)
-            if attention_weight:
-                kept = shares.gather(1, keep[..., None].expand(-1, -1, shares.shape[-1]))
-                loss = loss + attention_weight * attention_loss(attn, kept)
+            batch = sample_batch(data, step, batch_size, seed, grid, n_keep, info.num_classes)
+            loss = batch_loss(model, tokenizer, batch, region_weight, attention_weight,
+                              attention_blocks)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            step_lr = scheduler.get_last_lr()[0]
+            scheduler.step()
             # CLIP caps the temperature at 100 to keep training stable.
             with torch.no_grad():
                 model.logit_scale.clamp_(0, math.log(100))
             losses.append(loss.item())
             progress.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{step_lr:.1e}")
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                _save_checkpoint(out_dir / CHECKPOINT_FILE, settings, model, optimizer, step + 1)
+                _save_checkpoint(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler,
+                                 step + 1)
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                   str(out_dir / WEIGHTS_FILE), metadata={"open_clip_model": model_name})
@@ -372,8 +385,8 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _resume(path: Path, settings: dict, model: torch.nn.Module,
-            optimizer: torch.optim.Optimizer) -> int:
+def _resume(path: Path, settings: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+            scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
     """Load the checkpoint at ``path`` if there is one; return the step to continue from."""
     if not path.exists():
         return 0
@@ -383,13 +396,15 @@ def _resume(path: Path, settings: dict, model: torch.nn.Module,
                          "delete it to start afresh")
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
     print(f"resuming from step {checkpoint['step']}", flush=True)
     return checkpoint["step"]
 
 
 def _save_checkpoint(path: Path, settings: dict, model: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer, step: int) -> None:
-    state = {"settings": settings, "model": model.state_dict(),
-             "optimizer": optimizer.state_dict(), "step": step}
+                     optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    state = {"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step}
     write_atomically(path, lambda tmp: torch.save(state, tmp))
 

@@ -3,78 +3,50 @@
 Outputs under ``train.out``: ``checkpoint.pt`` (written atomically every ``checkpoint_every``
 iterations; a rerun resumes from it), ``losses.csv`` (for `dvc plots`), ``eval.csv`` (periodic
 pseudo-label mIoU on the train split and segmentation mIoU on the val split) and, at the end,
-``model.pt`` (the decoder's weights and what is needed to rebuild the model).
+``model.pt`` (self-describing: ``weclip.load_model`` rebuilds the model from it alone).
+
+Under torchrun (``train.nproc`` > 1 launches it) every rank runs this loop on its slice of each
+global batch of ``train.batch_size`` images, the decoder wrapped in DistributedDataParallel;
+rank 0 alone evaluates and writes. The upper-bound stage is the same loop on ground-truth masks.
 """
 from __future__ import annotations
 
 import csv
+import shutil
+from dataclasses import replace
 from itertools import count
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from weclip import BackboneFeatures, FrozenCLIP, WeCLIP
-from weclip.dataset import ClassInfo, EvalDataset, TrainDataset, read_classes
+from weclip import create_model, save_model
+from weclip.dataset import Batch, EvalDataset, TrainDataset, read_classes
 from weclip.files import write_atomically
-from weclip.inference import predict
-from weclip.metrics import confusion_matrix, mean_iou
+from weclip.metrics import mean_iou
 from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
 
+from . import distributed
+from .common import score
+from .features import CachedFeatures
 from .params import Params, params_fingerprint
 
 LOSS_COLUMNS = ("iteration", "loss", "seg_loss", "aff_loss", "lr")
 EVAL_COLUMNS = ("iteration", "train_pseudo_miou", "val_miou")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+def _batches(data, batch_size: int, seed: int, start: int, workers: int, pin_memory: bool):
+    """This rank's part of every global batch from iteration ``start`` on, forever.
 
-
-def build_model(params: Params, info: ClassInfo) -> WeCLIP:
-    """The WeCLIP model of ``params`` for the classes of ``info`` (decoder untrained)."""
-    backbone = FrozenCLIP.from_config(params.clip.arch, params.clip.weights)
-    m = params.model
-    return WeCLIP(backbone, info.prompts, info.background, template=params.clip.template,
-                  decoder_dim=m.decoder_dim, decoder_layers=m.decoder_layers,
-                  decoder_heads=m.decoder_heads, dropout=m.dropout,
-                  box_threshold=m.box_threshold, static_layers=m.static_layers,
-                  rfm_layers=m.rfm_layers, rfm_signed=m.rfm_signed,
-                  background_power=m.background_power, par_dilations=m.par_dilations,
-                  par_iters=m.par_iters)
-
-
-def atomic_save(obj, path: Path) -> None:
-    write_atomically(path, lambda tmp: torch.save(obj, tmp))
-
-
-@torch.no_grad()
-def score(model: WeCLIP, dataset: EvalDataset, device, limit: int | None = None,
-          pseudo: bool = True, prediction: bool = True) -> dict[str, torch.Tensor]:
-    """Confusion matrices of the pseudo labels (RFM, with labels) and of the single-scale
-    prediction over the first ``limit`` images of ``dataset`` (those with masks)."""
-    model.eval()
-    c = model.num_classes
-    out = {k: torch.zeros(c, c, dtype=torch.long) for k, on in
-           (("pseudo", pseudo), ("prediction", prediction)) if on}
-    for i in dataset.with_masks(limit):
-        image, _, mask, labels, _ = dataset[i]
-        image = image[None].to(device)
-        if pseudo:
-            pl = model(image, labels[None]).pseudo[0].cpu()
-            out["pseudo"] += confusion_matrix(pl, mask, c)
-        if prediction:
-            probs = predict(model, image, scales=(1.0,), flip=False, long_side=None)
-            out["prediction"] += confusion_matrix(probs.argmax(1)[0].cpu(), mask, c)
-    return out
-
-
-def _batches(data, batch_size: int, seed: int, start: int, workers: int, collate=None):
-    """Batches forever from iteration ``start``: a seeded permutation per epoch, last partial
-    batch dropped, so a resumed run sees the same data."""
+    A global batch is ``batch_size`` indices of a seeded permutation per epoch (the last partial
+    batch dropped), whatever the number of ranks, so a resumed or scaled-out run sees the same
+    data; rank r takes the r-th of equal slices.
+    """
+    ranks, rank = distributed.world_size(), distributed.rank()
+    per_rank = batch_size // ranks
     per_epoch = len(data) // batch_size
     first_epoch, skip = divmod(start, per_epoch)
     for epoch in count(first_epoch):
@@ -82,20 +54,15 @@ def _batches(data, batch_size: int, seed: int, start: int, workers: int, collate
         # the checkpoint restores.
         generator = torch.Generator().manual_seed(seed * 100003 + epoch)
         order = torch.randperm(len(data), generator=generator)
-        batches = order[:per_epoch * batch_size].view(per_epoch, batch_size).tolist()[skip:]
+        batches = order[:per_epoch * batch_size].view(per_epoch, ranks, per_rank)[skip:, rank]
         skip = 0
         data.epoch = epoch  # TrainDataset seeds its augmentation with it
         # Workers forked from a process running Prefect's threads die at start; forkserver
         # workers start from a clean process.
         context = "forkserver" if workers else None
-        yield from torch.utils.data.DataLoader(data, batch_sampler=batches, num_workers=workers,
-                                               generator=generator, collate_fn=collate,
-                                               multiprocessing_context=context)
-
-
-def _to(features: BackboneFeatures, device) -> BackboneFeatures:
-    return BackboneFeatures(features.tokens.to(device, non_blocking=True),
-                            features.attn.to(device, non_blocking=True), features.grid)
+        yield from torch.utils.data.DataLoader(
+            data, batch_sampler=batches.tolist(), num_workers=workers, generator=generator,
+            collate_fn=Batch.collate, pin_memory=pin_memory, multiprocessing_context=context)
 
 
 def _trim_csv(path: Path, columns, keep_below: int) -> None:
@@ -116,79 +83,108 @@ def _append_csv(path: Path, columns, row: dict) -> None:
         csv.DictWriter(f, columns).writerow(row)
 
 
+def _sum_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    x = x.clone()
+    dist.all_reduce(x)
+    return x
+
+
+def _gather(obj) -> list:
+    """``obj`` of every rank, in rank order."""
+    if distributed.world_size() == 1:
+        return [obj]
+    out = [None] * distributed.world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def train(params: Params, on_log=None, on_eval=None) -> Path:
     """Train WeCLIP as ``params`` say; resume from ``train.out``/checkpoint.pt when present.
 
-    ``on_log(iteration, losses)`` and ``on_eval(iteration, mious)`` are called after each
-    logged iteration and each periodic evaluation. Returns the path of model.pt.
+    ``on_log(iteration, losses)`` and ``on_eval(iteration, mious)`` are called (on rank 0)
+    after each logged iteration and each periodic evaluation. Returns the path of model.pt.
     """
     t = params.train
+    device = distributed.local_device(t.device)
+    distributed.init(device)
+    ranks, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    if t.batch_size % ranks:
+        raise ValueError(f"train.batch_size: {t.batch_size} images do not split evenly over "
+                         f"{ranks} processes")
     out = Path(t.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(t.device)
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same initial decoder on every rank
     root = params.dataset_dir
     info = read_classes(root)
-    model = build_model(params, info).to(device)
+    model = create_model(params.model, info).to(device)
+    decoder = model.decoder
     optimizer = build_optimizer(model, t.lr, t.decoder_lr_mult, t.betas, t.weight_decay)
     scheduler = poly_warmup(optimizer, t.iters, t.warmup_iters, t.warmup_ratio, t.power)
     step = TrainStep(model, optimizer, scheduler, radius=t.radius,
-                     affinity_weight=t.affinity_weight, ignore_index=info.ignore_index, amp=t.amp)
+                     affinity_weight=t.affinity_weight, ignore_index=info.ignore_index, amp=t.amp,
+                     sum_counts=_sum_over_ranks if ranks > 1 else None, ranks=ranks)
 
     checkpoint, start = out / "checkpoint.pt", 0
-    fingerprint = params_fingerprint(params, ("data", "clip", "model", "train"))
+    fingerprint = params_fingerprint(params, ("data", "model", "train"))
     state = torch.load(checkpoint, map_location=device, weights_only=False) if checkpoint.exists() else None
     if state is not None and state.get("fingerprint") != fingerprint:
-        print(f"{checkpoint}: made with other parameters; starting afresh", flush=True)
+        if main:
+            print(f"{checkpoint}: made with other parameters; starting afresh", flush=True)
         state = None
+    torch.manual_seed(t.seed + rank)  # each rank its own dropout draws, the same every run
     if state is not None:
-        model.decoder.load_state_dict(state["decoder"])
+        decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"][rank])
         start = state["iteration"]
-    for name, columns in (("losses.csv", LOSS_COLUMNS), ("eval.csv", EVAL_COLUMNS)):
-        _trim_csv(out / name, columns, keep_below=start + 1)
+    if main:
+        for name, columns in (("losses.csv", LOSS_COLUMNS), ("eval.csv", EVAL_COLUMNS)):
+            _trim_csv(out / name, columns, keep_below=start + 1)
+    if ranks > 1:
+        # The decoder has no buffers to sync, so rank 0's evaluation forwards stay local.
+        model.decoder = DistributedDataParallel(
+            decoder, device_ids=[device.index] if device.type == "cuda" else None)
 
     supervised = t.supervision == "masks"
     if t.supervision not in ("pseudo", "masks"):
         raise ValueError(f"train.supervision: {t.supervision!r} is neither 'pseudo' nor 'masks'")
     if t.features == "online":
-        data = TrainDataset(root, t.split, t.crop_size, t.scale_range, params.clip.normalization,
-                            t.seed, with_masks=supervised)
-        batches = _batches(data, t.batch_size, t.seed, start, t.workers)
+        data = TrainDataset(root, t.split, t.crop_size, t.scale_range, t.seed, with_masks=supervised)
     elif t.features == "cache" and not supervised:
-        from .cache import CachedFeatures
-
         data = CachedFeatures(params.cache.path, model.backbone)
-        batches = _batches(data, t.batch_size, t.seed, start, t.workers, data.collate)
     else:
         raise ValueError(f"train.features: {t.features!r} with supervision {t.supervision!r}: "
                          "use 'online' (the cache holds no masks) or 'cache' with pseudo labels")
     if len(data) < t.batch_size:
         raise ValueError(f"{root}: split {t.split!r} has {len(data)} images, fewer than a batch")
-    evals = {s: EvalDataset(root, s, params.clip.normalization) for s in (t.split, t.val_split)}
+    batches = _batches(data, t.batch_size, t.seed, start, t.workers, device.type == "cuda")
+    evals = {s: EvalDataset(root, s) for s in (t.split, t.val_split)}
 
-    bar = tqdm(range(start, t.iters), initial=start, total=t.iters, desc="train", unit="it")
-    for it, (images, labels, extra) in zip(bar, batches):
-        features = _to(extra, device) if t.features == "cache" else None
-        masks = extra.to(device) if supervised else None
-        result = step(images.to(device, non_blocking=True), labels, features=features,
-                      masks=masks, refinement="rfm" if it >= t.rfm_start else "static")
+    bar = tqdm(range(start, t.iters), initial=start, total=t.iters, desc="train", unit="it",
+               disable=not main)
+    for it, batch in zip(bar, batches):
+        result = step(batch.to(device), refinement="rfm" if it >= t.rfm_start else "static")
         done = it + 1
         if done % t.log_every == 0 or done == t.iters:
-            row = {k: float(result[k]) for k in ("loss", "seg_loss", "aff_loss")}
-            _append_csv(out / "losses.csv", LOSS_COLUMNS,
-                        {"iteration": done, **row, "lr": optimizer.param_groups[0]["lr"]})
-            bar.set_postfix(loss=f"{row['loss']:.3f}")
-            if on_log:
-                on_log(done, row)
+            losses = torch.stack([result[k] for k in ("loss", "seg_loss", "aff_loss")])
+            if ranks > 1:
+                losses = _sum_over_ranks(losses)  # the shares add up to the batch's losses
+            row = dict(zip(("loss", "seg_loss", "aff_loss"), losses.tolist()))
+            if main:
+                _append_csv(out / "losses.csv", LOSS_COLUMNS,
+                            {"iteration": done, **row, "lr": optimizer.param_groups[0]["lr"]})
+                bar.set_postfix(loss=f"{row['loss']:.3f}")
+                if on_log:
+                    on_log(done, row)
         if done % t.checkpoint_every == 0 or done == t.iters:
-            atomic_save({"iteration": done, "decoder": model.decoder.state_dict(),
+            rng = _gather(torch.get_rng_state())
+            if main:
+                state = {"iteration": done, "decoder": decoder.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "torch_rng": torch.get_rng_state(), "fingerprint": fingerprint},
-                        checkpoint)
-        if done % t.eval_every == 0 or done == t.iters:
+                         "torch_rng": rng, "fingerprint": fingerprint}
+                write_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
+        if (done % t.eval_every == 0 or done == t.iters) and main:
             val_conf = score(model, evals[t.val_split], device, t.eval_images, pseudo=False)
             row = {"iteration": done, "val_miou": round(100 * mean_iou(val_conf["prediction"]), 2)}
             if not supervised:  # a model trained on masks makes no pseudo labels
@@ -197,8 +193,29 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
             _append_csv(out / "eval.csv", EVAL_COLUMNS, row)
             if on_eval:
                 on_eval(done, row)
+        if done % t.eval_every == 0 or done == t.iters:
+            distributed.barrier()  # the other ranks wait for rank 0's evaluation
     bar.close()
+    model.decoder = decoder
     final = out / "model.pt"
-    atomic_save({"decoder": model.decoder.state_dict(), "classes": info.classes,
-                 "clip": vars(params.clip), "model": vars(params.model)}, final)
+    if main:
+        save_model(model, final)
+    distributed.barrier()
     return final
+
+
+def train_upper_bound(params: Params, on_log=None, on_eval=None) -> Path | None:
+    """The upper-bound stage: the same decoder trained on ground-truth masks into
+    ``upper_bound.out`` when ``upper_bound.enabled``; otherwise that folder holds only a note
+    (DVC always has the stage) and None is returned."""
+    out = Path(params.upper_bound.out)
+    skipped = out / "SKIPPED"
+    if not params.upper_bound.enabled:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+        skipped.write_text("upper_bound.enabled is false: no fully supervised model\n")
+        return None
+    skipped.unlink(missing_ok=True)
+    supervised = replace(params, train=replace(params.train, supervision="masks",
+                                               features="online", out=str(out)))
+    return train(supervised, on_log, on_eval)

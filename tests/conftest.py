@@ -38,12 +38,19 @@ def tiny_clip_weights(tiny_arch, tmp_path_factory):
 
 
 @pytest.fixture
-def tiny_model(tiny_arch, tiny_clip_weights):
-    from weclip import FrozenCLIP, WeCLIP
+def tiny_config(tiny_arch, tiny_clip_weights):
+    from weclip import ModelConfig
+
+    return ModelConfig(arch=tiny_arch, weights=str(tiny_clip_weights))
+
+
+@pytest.fixture
+def tiny_model(tiny_config):
+    from weclip import ClassInfo, create_model
 
     torch.manual_seed(0)
-    backbone = FrozenCLIP.from_config(tiny_arch, str(tiny_clip_weights))
-    return WeCLIP(backbone, ["cat", "dog", "car"], ["grass", "sky"])
+    classes = ClassInfo("toy", ["cat", "dog", "car"], ["cat", "dog", "car"], ["grass", "sky"])
+    return create_model(tiny_config, classes)
 
 
 @pytest.fixture

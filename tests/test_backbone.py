@@ -1,4 +1,4 @@
-"""The frozen CLIP backbone: sizes, weights, freezing (METHOD.md section 2)."""
+"""The frozen CLIP backbone: sizes, weights, freezing (docs/method.md, section 2)."""
 import warnings
 
 import open_clip

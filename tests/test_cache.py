@@ -7,8 +7,9 @@ import torch
 import zarr
 from PIL import Image
 
-from pipeline.cache import CachedFeatures, estimate_bytes, fixed_view, write_cache
-from weclip.dataset import ClassInfo, Record, load_image, normalize, write_dataset
+from pipeline.cache import fixed_view, write_cache
+from pipeline.features import CachedFeatures, estimate_bytes
+from weclip.dataset import Batch, ClassInfo, Record, load_image, write_dataset
 
 SIZE = 64  # the tiny ViT's patch is 16: a 4 x 4 grid
 
@@ -54,24 +55,24 @@ def test_cached_features_equal_the_backbone_on_the_fixed_view(dataset, backbone,
     path = write_cache(backbone, dataset, "train", tmp_path / "cache.zarr", size=SIZE,
                        batch_size=2, progress=False)
     cache = CachedFeatures(path, backbone)
-    images, labels, features = cache.collate([cache[i] for i in (1, 3)])
-    expected = backbone(normalize(views(dataset, (1, 3)).float()))
-    assert features.grid == expected.grid == (4, 4)
-    assert features.tokens.dtype == torch.float32
-    assert torch.allclose(features.tokens, expected.tokens, rtol=1e-3, atol=1e-3)
-    assert torch.allclose(features.attn, expected.attn, rtol=1e-3, atol=1e-4)
-    assert torch.equal(images, normalize(views(dataset, (1, 3)).float()))
-    assert labels.tolist() == [[0, 1, 0], [1, 0, 0]]
+    batch = Batch.collate([cache[i] for i in (1, 3)])
+    expected = backbone(backbone.normalize(views(dataset, (1, 3))))
+    assert batch.features.grid == expected.grid == (4, 4)
+    assert batch.features.tokens.dtype == torch.float32
+    assert torch.allclose(batch.features.tokens, expected.tokens, rtol=1e-3, atol=1e-3)
+    assert torch.allclose(batch.features.attn, expected.attn, rtol=1e-3, atol=1e-4)
+    assert torch.equal(batch.images, views(dataset, (1, 3)))
+    assert batch.labels.tolist() == [[0, 1, 0], [1, 0, 0]]
 
 
 def test_the_model_on_cached_features_matches_the_online_backbone(dataset, tiny_model, tmp_path):
     path = write_cache(tiny_model.backbone, dataset, "train", tmp_path / "cache.zarr",
                        size=SIZE, progress=False)
     cache = CachedFeatures(path)
-    images, labels, features = cache.collate([cache[i] for i in range(len(cache))])
+    batch = Batch.collate([cache[i] for i in range(len(cache))])
     tiny_model.eval()
-    cached = tiny_model(images, labels, features=features)
-    online = tiny_model(images, labels)
+    cached = tiny_model(batch.images, batch.labels, features=batch.features)
+    online = tiny_model(batch.images, batch.labels)
     assert torch.allclose(cached.logits, online.logits, rtol=1e-3, atol=1e-3)
     assert (cached.pseudo == online.pseudo).float().mean() > 0.99
 

@@ -1,4 +1,4 @@
-"""Grad-CAM over (image, class) pairs and the box mask (METHOD.md sections 4-5)."""
+"""Grad-CAM over (image, class) pairs and the box mask (docs/method.md, sections 4-5)."""
 import numpy as np
 import pytest
 import torch
@@ -91,7 +91,7 @@ def per_class_grad_cam(backbone, tokens, grid, labels, fg_text, bg_text):
             grad, = torch.autograd.grad(score, h)
             weights = grad[0, 1:].mean(0)
             cam = (h[0, 1:].detach() * weights).sum(-1).relu().view(grid)
-            cams.append(min_max(cam))
+            cams.append(min_max(min_max(cam)))  # scaled twice, as the reference's library
     return torch.stack(cams)
 
 
@@ -104,6 +104,16 @@ def test_batched_grad_cam_equals_one_backward_per_class(tiny_model):
     batched = grad_cam(tiny_model.backbone, *args, pairs, labels, tiny_model.fg_text, tiny_model.bg_text)
     expected = per_class_grad_cam(tiny_model.backbone, *args, labels, tiny_model.fg_text, tiny_model.bg_text)
     assert torch.allclose(batched, expected, atol=1e-5)
+
+
+def test_grad_cams_peak_at_one_as_the_reference_scales_them_twice(tiny_model):
+    images = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[1, 0, 1], [0, 1, 0]]).float()
+    feats = tiny_model.backbone(images)
+    cams = grad_cam(tiny_model.backbone, feats.tokens[:, -1], feats.grid,
+                    PresentClasses.from_labels(labels), labels, tiny_model.fg_text, tiny_model.bg_text)
+    peaks = cams.amax((-2, -1))
+    assert ((1 - peaks) < 1e-6).all() and (cams.amin((-2, -1)) == 0).all()
 
 
 def test_cams_of_a_batch_equal_the_cams_of_each_image_alone(tiny_model):

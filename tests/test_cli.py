@@ -20,16 +20,17 @@ def prefect_server():
 
 
 def test_stages_run_as_completed_prefect_flows(prefect_server, tmp_path):
-    """Each stage in its own process, as `dvc repro` runs them, reporting to one server."""
+    """Each stage in its own process, as `dvc repro` runs them, reporting to one server; train
+    as 2 processes (train.nproc), of which rank 0 alone reports."""
     from prefect.settings import PREFECT_API_URL
 
     params = {
         "data": {"dataset": "world", "world": {"image_size": 64, "n_pretrain": 0, "n_train": 4,
                                                "n_val": 2}},
-        "clip": {"arch": "ViT-Tiny-8-128", "weights": None},
-        "model": {"decoder_dim": 32, "par_iters": 2},
-        "train": {"iters": 2, "rfm_start": 1, "batch_size": 2, "crop_size": 64, "workers": 0,
-                  "log_every": 1, "checkpoint_every": 1, "eval_every": 2, "eval_images": 2},
+        "model": {"arch": "ViT-Tiny-8-128", "weights": None, "decoder_dim": 32, "par_iters": 2},
+        "train": {"split": "train", "iters": 2, "rfm_start": 1, "batch_size": 2, "crop_size": 64,
+                  "workers": 0, "log_every": 1, "checkpoint_every": 1, "eval_every": 2,
+                  "eval_images": 2, "nproc": 2},
         "infer": {"long_side": 64, "workers": 1},
         "evaluate": {"train_images": 2, "qualitative": 1},
     }
@@ -40,6 +41,17 @@ def test_stages_run_as_completed_prefect_flows(prefect_server, tmp_path):
                                 cwd=tmp_path, env=env, capture_output=True, text=True)
         assert result.returncode == 0, (stage, result.stdout[-2000:], result.stderr[-2000:])
     assert "miou" in json.loads((tmp_path / "reports" / "metrics.json").read_text())["val"]
+
+    # The trained model is used from another folder, without params.yaml.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "runs" / "train" / "model.pt").rename(elsewhere / "model.pt")
+    image = next((tmp_path / "data" / "prepared" / "world").rglob("*.png"))
+    result = subprocess.run([sys.executable, "-m", "pipeline.cli", "predict", "--model",
+                             "model.pt", "-S", "infer.long_side=64", str(image)],
+                            cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (elsewhere / "predictions" / f"{image.stem}_overlay.png").exists()
 
     from prefect.client.orchestration import get_client
 
@@ -52,9 +64,18 @@ def test_stages_run_as_completed_prefect_flows(prefect_server, tmp_path):
 
 def test_a_bad_override_names_the_key(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text("{}\n")
     result = CliRunner().invoke(app, ["train", "-S", "train.iterations=3"])
     assert result.exit_code != 0
     assert "iterations" in str(result.exception)
+
+
+def test_a_recipe_is_written_in_full(tmp_path):
+    result = CliRunner().invoke(app, ["recipe", "coco", "--out", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 0, result.output
+    written = yaml.safe_load((tmp_path / "params.yaml").read_text())
+    assert written["data"]["dataset"] == "coco" and written["train"]["iters"] == 80000
+    assert written["model"]["arch"] == "ViT-B-16-quickgelu"  # a default, written out
 
 
 def test_pretrain_clip_draws_its_world_afresh_rather_than_reuse_a_stale_one(tmp_path):

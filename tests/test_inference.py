@@ -1,4 +1,4 @@
-"""Multi-scale + flip inference and DenseCRF (METHOD.md section 7)."""
+"""Multi-scale + flip inference and DenseCRF (docs/method.md, section 7)."""
 import numpy as np
 import pytest
 import torch

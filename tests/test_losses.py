@@ -1,4 +1,4 @@
-"""Segmentation and affinity losses (METHOD.md section 6)."""
+"""Segmentation and affinity losses (docs/method.md, section 6)."""
 import torch
 import torch.nn.functional as F
 

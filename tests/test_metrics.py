@@ -1,4 +1,4 @@
-"""Confusion matrix and IoU (METHOD.md section 7)."""
+"""Confusion matrix and IoU (docs/method.md, section 7)."""
 import math
 
 import torch
@@ -18,6 +18,12 @@ def test_iou_per_class_and_mean_over_present_classes():
     values = iou(conf)
     assert values[:3].tolist() == [1 / 3, 2 / 3, 0.0] and math.isnan(values[3])
     assert math.isclose(mean_iou(conf), 1 / 3)
+
+
+def test_the_mean_leaves_out_classes_absent_from_the_ground_truth_as_the_reference_does():
+    conf = torch.tensor([[3, 1], [0, 0]])  # class 1 only predicted: IoU 0, not in the mean
+    assert iou(conf).tolist() == [0.75, 0.0]
+    assert mean_iou(conf) == 0.75
 
 
 def test_confusion_matrices_add_up_over_images():

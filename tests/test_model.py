@@ -1,15 +1,22 @@
-"""The WeCLIP module: training forward, inference forward, a training step (METHOD.md 3-6)."""
+"""The WeCLIP module: training forward, inference forward, a training step, its model file
+(docs/method.md, sections 3-6)."""
 import pytest
 import torch
 
+from weclip import ClassInfo, create_model, load_model, save_model
+from weclip.dataset import Batch
 from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
 
 LABELS = torch.tensor([[1, 0, 1], [0, 1, 0]]).float()
 
 
+def images(*shape):
+    return torch.rand(*shape) * 255
+
+
 def test_training_forward_returns_logits_pseudo_labels_and_affinity(tiny_model):
-    out = tiny_model(torch.randn(2, 3, 64, 96), LABELS)
+    out = tiny_model(images(2, 3, 64, 96), LABELS)
     assert out.logits.shape == (2, 4, 4, 6)
     assert out.pseudo.shape == (2, 64, 96) and out.pseudo.dtype == torch.long
     assert out.affinity.shape == (2, 24, 24)
@@ -18,7 +25,7 @@ def test_training_forward_returns_logits_pseudo_labels_and_affinity(tiny_model):
 
 @pytest.mark.parametrize("refinement", ["none", "static", "rfm"])
 def test_pseudo_labels_use_only_background_and_present_classes(tiny_model, refinement):
-    out = tiny_model(torch.randn(2, 3, 64, 64), LABELS, refinement=refinement)
+    out = tiny_model(images(2, 3, 64, 64), LABELS, refinement=refinement)
     assert set(out.pseudo[0].unique().tolist()) <= {0, 1, 3}
     assert set(out.pseudo[1].unique().tolist()) <= {0, 2}
 
@@ -30,21 +37,21 @@ def test_inference_needs_no_labels_and_skips_the_cam_branch(tiny_model, monkeypa
         raise AssertionError("CAM computed at inference")
 
     monkeypatch.setattr(weclip.model, "grad_cam", fail)
-    out = tiny_model.eval()(torch.randn(1, 3, 64, 64))
+    out = tiny_model.eval()(images(1, 3, 64, 64))
     assert out.logits.shape == (1, 4, 4, 4) and out.pseudo is None and out.affinity is None
 
 
 def test_cached_features_give_the_same_output_as_running_the_backbone(tiny_model):
     tiny_model.eval()
-    images = torch.randn(2, 3, 64, 64)
-    direct = tiny_model(images, LABELS)
-    cached = tiny_model(images, LABELS, features=tiny_model.backbone(images))
+    x = images(2, 3, 64, 64)
+    direct = tiny_model(x, LABELS)
+    cached = tiny_model(x, LABELS, features=tiny_model.features(x))
     assert torch.equal(direct.logits, cached.logits) and torch.equal(direct.pseudo, cached.pseudo)
 
 
 def test_unknown_refinement_is_refused(tiny_model):
     with pytest.raises(ValueError, match="refinement"):
-        tiny_model(torch.randn(2, 3, 64, 64), LABELS, refinement="crf")
+        tiny_model(images(2, 3, 64, 64), LABELS, refinement="crf")
 
 
 def test_layer_counts_follow_the_backbone_depth(tiny_model):
@@ -57,7 +64,7 @@ def test_training_step_updates_the_decoder_only(tiny_model):
     step = TrainStep(tiny_model, optimizer, poly_warmup(optimizer, 10, warmup_iters=0), radius=2)
     clip_before = {k: v.clone() for k, v in tiny_model.backbone.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in tiny_model.decoder.state_dict().items()}
-    result = step(torch.randn(2, 3, 64, 64), LABELS)
+    result = step(Batch(images(2, 3, 64, 64), LABELS, torch.arange(2)))
     assert torch.isfinite(result["loss"])
     assert all(p.grad is None for p in tiny_model.backbone.parameters())
     assert all(torch.equal(v, clip_before[k]) for k, v in tiny_model.backbone.state_dict().items())
@@ -69,7 +76,38 @@ def test_training_reduces_the_loss_on_a_fixed_batch(tiny_model):
     torch.manual_seed(0)
     optimizer = build_optimizer(tiny_model, lr=2e-5)
     step = TrainStep(tiny_model, optimizer, radius=2)
-    images = torch.randn(2, 3, 64, 64)
+    batch = Batch(images(2, 3, 64, 64), LABELS, torch.arange(2))
     tiny_model.decoder.dropout.p = 0.0
-    losses = [step(images, LABELS, refinement="static")["loss"].item() for _ in range(15)]
+    losses = [step(batch, refinement="static")["loss"].item() for _ in range(15)]
     assert losses[-1] < losses[0]
+
+
+def test_a_model_file_rebuilds_the_model_from_any_folder(tiny_model, tmp_path, monkeypatch):
+    torch.nn.init.normal_(tiny_model.decoder.classifier.weight)  # not the initial decoder
+    path = save_model(tiny_model, tmp_path / "model.pt")
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    loaded = load_model(path)
+    assert loaded.classes == tiny_model.classes and loaded.config == tiny_model.config
+    x = images(1, 3, 64, 64)
+    assert torch.equal(loaded(x).logits, tiny_model.eval()(x).logits)
+
+
+def test_a_model_file_refuses_other_backbone_weights(tiny_model, tiny_arch, tmp_path):
+    path = save_model(tiny_model, tmp_path / "model.pt")
+    torch.manual_seed(1)
+    other = create_model(tiny_model.config, tiny_model.classes).backbone.clip.state_dict()
+    torch.nn.init.normal_(other["visual.conv1.weight"])
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not the one this model was trained on"):
+        load_model(path, weights=str(tmp_path / "other.pt"))
+
+
+@pytest.mark.parametrize("content", [b"not a torch file", "old"])
+def test_foreign_and_old_model_files_are_refused_by_name(tiny_model, tmp_path, content):
+    path = tmp_path / "model.pt"
+    if content == "old":  # what the train stage wrote before model files described themselves
+        torch.save({"decoder": tiny_model.decoder.state_dict(), "classes": ["cat"]}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"model.pt: not a WeCLIP model file"):
+        load_model(path)

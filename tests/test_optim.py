@@ -1,15 +1,15 @@
-"""Optimiser and learning-rate schedule (METHOD.md section 6)."""
+"""Optimiser and learning-rate schedule (docs/method.md, section 6)."""
 import math
 
 import torch
 
-from weclip.optim import build_optimizer, poly_warmup
+from weclip.optim import build_optimizer, cosine_warmup, poly_warmup
 
 
-def lrs(max_iters, steps, **kwargs):
+def lrs(max_iters, steps, schedule=poly_warmup, **kwargs):
     model = torch.nn.Linear(2, 2)
     optimizer = build_optimizer(model, lr=2e-4)
-    scheduler = poly_warmup(optimizer, max_iters, **kwargs)
+    scheduler = schedule(optimizer, max_iters, **kwargs)
     out = []
     for _ in range(steps):
         out.append(optimizer.param_groups[0]["lr"])
@@ -31,3 +31,14 @@ def test_warmup_rises_linearly_from_the_ratio_then_decays_polynomially():
     assert math.isclose(values[25], 2e-3 * (1 - 0.5 * (1 - 1e-6)))
     assert math.isclose(values[50], 2e-3 * (1 - 50 / 1000))
     assert math.isclose(values[999], 2e-3 * (1 - 999 / 1000))
+
+
+def test_cosine_warmup_rises_to_the_rate_at_the_end_of_warmup_then_decays_to_zero():
+    values = lrs(100, 101, cosine_warmup, warmup_iters=10)
+    assert math.isclose(values[0], 2e-3 * 1 / 10)
+    assert math.isclose(values[9], 2e-3)
+    assert math.isclose(values[10], 2e-3)
+    assert math.isclose(values[55], 2e-3 * 0.5)
+    assert math.isclose(values[100], 0, abs_tol=1e-18)
+    assert all(a < b for a, b in zip(values[:9], values[1:10]))
+    assert all(a >= b for a, b in zip(values[10:], values[11:]))

@@ -1,4 +1,4 @@
-"""Pixel-adaptive refinement (METHOD.md section 5)."""
+"""Pixel-adaptive refinement (docs/method.md, section 5)."""
 import math
 
 import torch

@@ -1,24 +1,48 @@
-"""params.yaml and the dataset recipes load through the typed loader."""
+"""params.yaml and the recipes: partial files over the defaults, rendered in full for DVC."""
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import yaml
 
-from pipeline.params import load_params, params_fingerprint
+from pipeline.params import load_params, params_fingerprint, write_recipe
 
 ROOT = Path(__file__).parent.parent
 
 
-@pytest.mark.parametrize("name", ["params.yaml", "params/voc.yaml", "params/coco.yaml"])
-def test_shipped_params_files_load(name):
-    params = load_params(ROOT / name)
-    assert params.train.rfm_start == params.train.iters // 2
+def test_params_yaml_is_the_world_recipe_in_full(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    written = write_recipe("world", tmp_path / "params.yaml")
+    assert written.read_text() == (ROOT / "params.yaml").read_text()
 
 
-def test_recipes_use_the_papers_backbone_and_schedule():
-    voc, coco = load_params(ROOT / "params/voc.yaml"), load_params(ROOT / "params/coco.yaml")
-    assert voc.clip.arch == coco.clip.arch == "ViT-B-16-quickgelu"
+def test_the_defaults_are_the_authors_voc_run():
+    voc, defaults = load_params(ROOT / "params/voc.yaml"), load_params(None)
+    assert voc.model.arch == "ViT-B-16-quickgelu" and voc.model.template == "a clean origami {}."
     assert (voc.train.iters, voc.train.crop_size, voc.model.box_threshold) == (30000, 320, 0.4)
-    assert (coco.train.iters, coco.model.box_threshold, coco.model.rfm_layers) == (80000, 0.7, 10)
+    assert voc.train.rfm_start == 9144  # the reference's effective switch, not the paper's 15000
+    assert (voc.train.split, voc.evaluate.pseudo_split) == ("train_aug", "train")
+    assert voc.train == defaults.train and voc.model.decoder_dim == defaults.model.decoder_dim
+
+
+def test_recipes_state_only_what_differs_from_the_defaults():
+    defaults = asdict(load_params(None))
+    for name in ("world", "voc", "coco"):
+        recipe = yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())
+        for group, values in recipe.items():
+            for key, value in values.items():
+                assert value != defaults[group][key], f"params/{name}.yaml repeats {group}.{key}"
+
+
+def test_coco_changes_the_schedule_and_the_refinement():
+    coco = load_params(ROOT / "params/coco.yaml")
+    assert (coco.train.iters, coco.train.rfm_start) == (80000, 40000)
+    assert (coco.model.box_threshold, coco.model.rfm_layers) == (0.7, 10)
+
+
+def test_a_missing_params_file_is_an_error():
+    with pytest.raises(FileNotFoundError, match="no-such.yaml: parameters file not found"):
+        load_params("no-such.yaml")
 
 
 def test_overrides_change_the_fingerprint_of_their_group_only():
@@ -30,7 +54,7 @@ def test_overrides_change_the_fingerprint_of_their_group_only():
 def test_the_fingerprint_follows_the_clip_weight_file_contents(tmp_path):
     weights = tmp_path / "clip.safetensors"
     weights.write_bytes(b"one")
-    params = load_params(ROOT / "params.yaml", {"clip.weights": str(weights)})
-    before = params_fingerprint(params, ("clip",))
+    params = load_params(ROOT / "params.yaml", {"model.weights": str(weights)})
+    before = params_fingerprint(params, ("model",))
     weights.write_bytes(b"two")
-    assert params_fingerprint(params, ("clip",)) != before
+    assert params_fingerprint(params, ("model",)) != before

@@ -75,11 +75,19 @@ def test_test_split_images_need_no_labels(tmp_path):
     assert check_records(records, INFO)[1] == []
 
 
-def test_repeated_image_ids_are_a_problem(tmp_path):
+def test_image_ids_repeated_within_a_split_are_a_problem(tmp_path):
     records = [Record("a", image(tmp_path / "a.jpg"), None, "train", [1]),
                Record("a", image(tmp_path / "b.jpg"), None, "train", [1])]
     _, problems = check_records(records, INFO)
-    assert problems == [(str(tmp_path / "b.jpg"), "image_id 'a' repeats an earlier image's")]
+    assert problems == [(str(tmp_path / "b.jpg"),
+                         "image_id 'a' repeats an earlier image's in split 'train'")]
+
+
+def test_an_image_may_belong_to_several_splits(tmp_path):
+    path = image(tmp_path / "a.jpg")
+    good, problems = check_records([Record("a", path, None, "train_aug", [1]),
+                                    Record("a", path, None, "train", [1])], INFO)
+    assert problems == [] and [r.split for r in good] == ["train_aug", "train"]
 
 
 def test_skip_bad_writes_the_good_records_and_lists_the_bad_in_skipped_csv(tmp_path):

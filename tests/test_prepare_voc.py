@@ -78,7 +78,7 @@ def test_download_builds_segmentation_class_aug_and_the_splits(file_server, tmp_
                       checksums={name: hashlib.md5(d).hexdigest() for name, d in archives.items()})
 
     assert labels_by_split(out) == {"train_aug": {"a": [15], "c": [12], "d": [20]},
-                                    "val": {"b": [3]}}
+                                    "train": {"a": [15]}, "val": {"b": [3]}}
     aug = tmp_path / "dl" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug"
     assert (np.asarray(Image.open(aug / "a.png")) == label_map(15, border=True)).all()
     assert Image.open(aug / "c.png").mode == "L"

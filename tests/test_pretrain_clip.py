@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from pipeline import pretrain_clip as pc
 from pipeline.datasets.world import generate_world
-from weclip.dataset import normalize, read_classes
+from weclip.backbone import normalize
+from weclip.dataset import read_classes
 from weclip.model_configs import TINY_CLIP, register_model_configs
 
 TINY_RUN = dict(steps=10, batch_size=16, warmup_steps=2, num_threads=1)
@@ -84,14 +85,6 @@ def test_an_interrupted_run_resumes_to_the_same_weights(run, world, tmp_path, mo
     expected, got = load_file(str(out / pc.WEIGHTS_FILE)), load_file(str(tmp_path / pc.WEIGHTS_FILE))
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
-
-
-def test_learning_rate_warms_up_then_decays_to_zero():
-    rates = [pc.learning_rate(s, 100, 10, 1e-3) for s in range(101)]
-    assert rates[9] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(rates[:9], rates[1:10]))
-    assert all(a >= b for a, b in zip(rates[10:], rates[11:]))
-    assert rates[100] == pytest.approx(0)
 
 
 def test_average_precision():

@@ -1,4 +1,4 @@
-"""Static refinement, the RFM's layer selection and the transition matrix (METHOD.md section 5)."""
+"""Static refinement, the RFM's layer selection and the transition matrix (docs/method.md, section 5)."""
 import torch
 
 from weclip.refine import refine_cams, select_attention, static_attention, transition_matrix

@@ -1,4 +1,5 @@
-"""The frozen CLIP: open_clip's ViT run block by block, at any input size (METHOD.md section 2).
+"""The frozen CLIP: open_clip's ViT run block by block, at any input size (docs/method.md,
+section 2).
 
 open_clip's ``VisionTransformer.forward`` neither resizes its positional embeddings nor returns
 attention weights, so this module runs the tower's parts itself: patch embedding, positional
@@ -7,6 +8,7 @@ tokens and head-averaged attention), and block N again with gradient for Grad-CA
 """
 from __future__ import annotations
 
+import hashlib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,20 @@ from .model_configs import register_model_configs
 
 # Keys that OpenAI's TorchScript archives carry besides the weights.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+
+# Pixel statistics on the 0-255 scale (docs/method.md, section 1).
+NORMALIZATION = {
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
+}
+
+
+def normalize(images: torch.Tensor, stats: str = "imagenet") -> torch.Tensor:
+    """[..., 3, H, W] on the 0-255 scale (any dtype) -> float, normalised with ``stats``."""
+    if stats not in NORMALIZATION:
+        raise ValueError(f"normalization must be one of {list(NORMALIZATION)}, not {stats!r}")
+    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in NORMALIZATION[stats])
+    return (images.float() - mean) / std
 
 
 @dataclass
@@ -67,13 +83,16 @@ def _is_torchscript(path: Path) -> bool:
 def create_clip(arch: str, weights: str | None = None) -> nn.Module:
     """An open_clip model of config ``arch`` with weights from a file, a pretrained tag, or none.
 
-    ``weights``: None (random), a path to a local file (see ``load_state_dict``), or an
-    open_clip pretrained tag such as 'openai' (downloads through open_clip's hub code; set
-    HF_HUB_OFFLINE=1 to use its cache without network).
+    ``weights``: None (random, the same every time), a path to a local file (see
+    ``load_state_dict``), or an open_clip pretrained tag such as 'openai' (downloads through
+    open_clip's hub code; set HF_HUB_OFFLINE=1 to use its cache without network).
     """
     register_model_configs()
     if weights is None:
-        return open_clip.create_model(arch)
+        # Seeded, so that a model trained on a random CLIP (tests, benchmarks) can be rebuilt.
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            return open_clip.create_model(arch)
     if Path(weights).suffix or Path(weights).exists():
         model = open_clip.create_model(arch)
         state_dict = load_state_dict(weights)
@@ -88,7 +107,8 @@ def create_clip(arch: str, weights: str | None = None) -> nn.Module:
 
 
 def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool):
-    """Self-attention of an open_clip block on [B, L, D] tokens.
+    """Self-attention of an open_clip block (its ``attn``, a batch-first nn.MultiheadAttention
+    in open_clip 2.24 to 3.x) on [B, L, D] tokens.
 
     Returns (output [B, L, D], head-averaged weights [B, L, L] or None).
     """
@@ -104,7 +124,8 @@ def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool):
     return attn.out_proj(out.transpose(1, 2).reshape(b, n, d)), mean_weights
 
 
-def run_block(block: nn.Module, x: torch.Tensor, need_weights: bool = False, ln_1_out=None):
+def run_block(block: open_clip.transformer.ResidualAttentionBlock, x: torch.Tensor,
+              need_weights: bool = False, ln_1_out: torch.Tensor | None = None):
     """One open_clip ResidualAttentionBlock on [B, L, D] tokens.
 
     ``ln_1_out`` replaces ``block.ln_1(x)`` (Grad-CAM differentiates with respect to it).
@@ -117,14 +138,50 @@ def run_block(block: nn.Module, x: torch.Tensor, need_weights: bool = False, ln_
     return x, weights
 
 
+def resized_positional_embedding(visual: nn.Module, grid: tuple[int, int]) -> torch.Tensor:
+    """The image tower's positional embeddings, the patches' resized bilinearly to ``grid``:
+    [1 + h*w, D], the class token's first."""
+    pos = visual.positional_embedding
+    g0, g1 = visual.grid_size
+    if (g0, g1) == tuple(grid):
+        return pos
+    patch = pos[1:].T.reshape(1, -1, g0, g1)
+    patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
+    return torch.cat([pos[:1], patch.flatten(2)[0].T])
+
+
+def embed(visual: nn.Module, images: torch.Tensor,
+          keep: torch.Tensor | None = None) -> torch.Tensor:
+    """open_clip's image tower up to its blocks: patch and positional embeddings, class token,
+    ln_pre.
+
+    images: normalised [B, 3, H, W], cut into an h x w = (H // patch, W // patch) grid of
+    patches; keep: long [B, K], the patches to keep (FLIP's patch dropout), or None for all
+    K = h*w. Returns tokens [B, 1+K, D], the class token first.
+    """
+    x = visual.conv1(images.to(visual.conv1.weight.dtype))
+    pos = resized_positional_embedding(visual, tuple(x.shape[-2:])).to(x.dtype)
+    # Positions are added before the patches are dropped, so kept patches keep their own.
+    x = x.flatten(2).transpose(1, 2) + pos[1:]
+    if keep is not None:
+        x = x.gather(1, keep[..., None].expand(-1, -1, x.shape[-1]))
+    cls_token = (visual.class_embedding.to(x.dtype) + pos[0]).expand(x.shape[0], 1, -1)
+    return visual.ln_pre(torch.cat([cls_token, x], 1))
+
+
 class FrozenCLIP(nn.Module):
     """A frozen open_clip ViT: features for the decoder and CAM, and a text classifier.
 
     All weights are frozen and the model stays in eval mode whatever ``train()`` is called with.
+    It takes images on the 0-255 scale and normalises them with its ``normalization`` statistics.
     """
 
-    def __init__(self, clip: nn.Module, tokenizer):
+    def __init__(self, clip: nn.Module, tokenizer, normalization: str = "imagenet"):
         super().__init__()
+        if normalization not in NORMALIZATION:
+            raise ValueError(f"normalization must be one of {list(NORMALIZATION)}, "
+                             f"not {normalization!r}")
+        self.normalization = normalization
         if not isinstance(getattr(clip, "visual", None), open_clip.transformer.VisionTransformer):
             raise ValueError("WeCLIP needs an open_clip ViT image tower (VisionTransformer)")
         if clip.visual.attn_pool is not None:
@@ -135,8 +192,21 @@ class FrozenCLIP(nn.Module):
         self.clip.eval()
 
     @classmethod
-    def from_config(cls, arch: str, weights: str | None = None) -> "FrozenCLIP":
-        return cls(create_clip(arch, weights), open_clip.get_tokenizer(arch))
+    def from_config(cls, arch: str, weights: str | None = None,
+                    normalization: str = "imagenet") -> "FrozenCLIP":
+        return cls(create_clip(arch, weights), open_clip.get_tokenizer(arch), normalization)
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """[..., 3, H, W] on the 0-255 scale -> normalised float, as this backbone takes them."""
+        return normalize(images, self.normalization)
+
+    def digest(self) -> str:
+        """A digest of the image tower's weights: which frozen CLIP this is."""
+        digest = hashlib.blake2b(digest_size=16)
+        for name, tensor in self.visual.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
     def train(self, mode: bool = True):
         # Frozen means eval mode too: no dropout, no patch dropout.
@@ -163,13 +233,7 @@ class FrozenCLIP(nn.Module):
 
     def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
         """The positional embeddings resized bilinearly to ``grid``: [1 + h*w, D]."""
-        pos = self.visual.positional_embedding
-        g0, g1 = self.visual.grid_size
-        if (g0, g1) == tuple(grid):
-            return pos
-        patch = pos[1:].T.reshape(1, -1, g0, g1)
-        patch = F.interpolate(patch, size=grid, mode="bilinear", align_corners=False)
-        return torch.cat([pos[:1], patch.flatten(2)[0].T])
+        return resized_positional_embedding(self.visual, grid)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BackboneFeatures:
@@ -177,15 +241,10 @@ class FrozenCLIP(nn.Module):
 
         The grid is (H // patch, W // patch); pixels beyond a multiple of the patch are unused.
         """
-        v = self.visual
-        x = v.conv1(images.to(v.conv1.weight.dtype))
-        grid = tuple(x.shape[-2:])
-        x = x.flatten(2).transpose(1, 2)
-        cls_token = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
-        x = torch.cat([cls_token, x], dim=1) + self.positional_embedding(grid).to(x.dtype)
-        x = v.ln_pre(x)
+        grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
+        x = embed(self.visual, images)
         tokens, attn = [], []
-        for block in v.transformer.resblocks:
+        for block in self.visual.transformer.resblocks:
             x, weights = run_block(block, x, need_weights=True)
             tokens.append(x)
             attn.append(weights)
@@ -193,7 +252,7 @@ class FrozenCLIP(nn.Module):
 
     def last_block_scores(self, x: torch.Tensor, ln_1_out: torch.Tensor,
                           text: torch.Tensor) -> torch.Tensor:
-        """Block N on block N-1 tokens, then the CAM head (METHOD.md section 4).
+        """Block N on block N-1 tokens, then the CAM head (docs/method.md, section 4).
 
         x: [P, 1+hw, D] block N-1 output; ln_1_out: [P, 1+hw, D] block N's ln_1(x), the
         tensor that Grad-CAM differentiates; text: [T, E] L2-normalised text features.

@@ -1,25 +1,28 @@
-"""Benchmark: training-step time and peak memory, and inference images/s.
-
-    python -m weclip.benchmark --arch ViT-B-16 --batch 4 --crop 320 --device cuda
+"""Benchmark: the training step's time, split into phases, its peak memory, and inference
+images/s. ``weclip benchmark`` runs it; so does ``make bench`` (ViT-B/16, batch 4, crop 320).
 
 Random CLIP weights and random images with 1-3 labels each out of 20 classes: the timings do
-not depend on what the weights are. A training step is forward (backbone, Grad-CAM, RFM, PAR,
-decoder) + backward + optimiser step; inference is multi-scale (1.0, 0.75) + flip on one image
-with its long side at ``--long-side``.
+not depend on what the weights are. A training step is the full online step: backbone, Grad-CAM,
+RFM refinement, PAR, decoder, losses, backward and optimiser step. The phases are the
+``record_function`` ranges of the model and the training step, timed by torch's profiler in a
+separate pass (profiling slows the step a little; the headline step time is measured without
+it). Inference is multi-scale (1.0, 0.75) + flip on one image with its long side at
+``long_side``, before the CRF.
 """
 from __future__ import annotations
 
-import argparse
 import resource
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
-from .backbone import FrozenCLIP
+from .config import ModelConfig
+from .dataset import Batch, ClassInfo
+from .factory import create_model
 from .inference import predict
-from .model import WeCLIP
 from .optim import build_optimizer, poly_warmup
-from .training import TrainStep
+from .training import PHASES, TrainStep
 
 
 def synchronize(device: torch.device) -> None:
@@ -28,72 +31,79 @@ def synchronize(device: torch.device) -> None:
 
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch on CUDA; the process's peak resident memory on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def random_labels(batch: int, classes: int, generator: torch.Generator) -> torch.Tensor:
+def random_batch(batch: int, crop: int, classes: int, generator: torch.Generator) -> Batch:
+    """Random images [B, 3, crop, crop] (0-255) with 1-3 of ``classes`` labels each."""
     labels = torch.zeros(batch, classes)
     for row in labels:
         count = int(torch.randint(1, 4, (1,), generator=generator))
         row[torch.randperm(classes, generator=generator)[:count]] = 1
-    return labels
+    images = torch.randint(0, 256, (batch, 3, crop, crop), generator=generator, dtype=torch.uint8)
+    return Batch(images, labels, torch.arange(batch))
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", default="ViT-B-16")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--crop", type=int, default=320)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--amp", action="store_true", help="bfloat16 autocast")
-    parser.add_argument("--long-side", type=int, default=512)
-    parser.add_argument("--infer-images", type=int, default=5)
-    args = parser.parse_args(argv)
+def phase_times(step: TrainStep, batch: Batch, device: torch.device, steps: int) -> dict:
+    """Milliseconds per step spent in each phase of ``PHASES``, from torch's profiler."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(batch)
+        synchronize(device)
+    totals = {e.key: e for e in prof.key_averages()}
+    attribute = "device_time_total" if device.type == "cuda" else "cpu_time_total"
+    return {name: round(getattr(totals[name], attribute) / 1000 / steps, 2) if name in totals
+            else 0.0 for name in PHASES}
 
-    device = torch.device(args.device)
+
+def run_benchmark(arch: str = "ViT-B-16", *, batch: int = 4, crop: int = 320,
+                  device: str | None = None, steps: int = 10, warmup: int = 2,
+                  amp: bool = False, long_side: int = 512, infer_images: int = 5) -> dict:
+    """Measure and print; returns the figures."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(0)
-    classes = [f"class {i}" for i in range(20)]
-    model = WeCLIP(FrozenCLIP.from_config(args.arch), classes, ["ground", "sky", "wall"]).to(device)
+    classes = ClassInfo("benchmark", [f"class {i}" for i in range(20)],
+                        [f"class {i}" for i in range(20)], ["ground", "sky", "wall"])
+    model = create_model(ModelConfig(arch=arch, weights=None), classes).to(device)
     optimizer = build_optimizer(model)
-    step = TrainStep(model, optimizer, poly_warmup(optimizer, max_iters=1000), amp=args.amp)
+    step = TrainStep(model, optimizer, poly_warmup(optimizer, max_iters=1000), amp=amp)
+    data = random_batch(batch, crop, len(classes.classes), gen).to(device)
 
-    images = torch.randn(args.batch, 3, args.crop, args.crop, generator=gen).to(device)
-    labels = random_labels(args.batch, len(classes), gen)
-    for _ in range(args.warmup):
-        step(images, labels)
+    for _ in range(warmup):
+        step(data)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    for _ in range(args.steps):
-        step(images, labels)
+    for _ in range(steps):
+        step(data)
     synchronize(device)
-    step_s = (time.perf_counter() - start) / args.steps
+    step_s = (time.perf_counter() - start) / steps
     train_peak = peak_memory_mb(device)
+    phases = phase_times(step, data, device, max(1, steps // 2))
 
     model.eval()
-    image = torch.randn(1, 3, args.long_side, args.long_side * 3 // 4, generator=gen).to(device)
-    predict(model, image, long_side=args.long_side)
+    image = torch.randint(0, 256, (1, 3, long_side, long_side * 3 // 4), generator=gen).float()
+    image = image.to(device)
+    predict(model, image, long_side=long_side)
     synchronize(device)
     start = time.perf_counter()
-    for _ in range(args.infer_images):
-        predict(model, image, long_side=args.long_side)
+    for _ in range(infer_images):
+        predict(model, image, long_side=long_side)
     synchronize(device)
-    images_per_s = args.infer_images / (time.perf_counter() - start)
+    images_per_s = infer_images / (time.perf_counter() - start)
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    result = {"arch": args.arch, "device": name, "batch": args.batch, "crop": args.crop,
-              "amp": args.amp, "train_step_s": round(step_s, 4),
+    name = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else f"CPU ({torch.get_num_threads()} threads)")
+    result = {"arch": arch, "device": name, "batch": batch, "crop": crop, "amp": amp,
+              "train_step_s": round(step_s, 4), "train_iters_per_s": round(1 / step_s, 3),
               "train_peak_memory_mb": round(train_peak, 1),
+              **{f"phase_ms.{k}": v for k, v in phases.items()},
               "infer_images_per_s": round(images_per_s, 3)}
     for key, value in result.items():
-        print(f"{key:>22}: {value}")
+        print(f"{key:>28}: {value}")
     return result
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Initial CAMs by Grad-CAM on the frozen CLIP, and their box masks (METHOD.md sections 4-5).
+"""Initial CAMs by Grad-CAM on the frozen CLIP, and their box masks (docs/method.md, sections 4-5).
 
 CAMs are computed for (image, class) pairs: one pair per foreground class present in an image.
 ``PresentClasses`` lays the pairs out once, on the CPU where the labels come from, so that the
@@ -60,9 +60,10 @@ def grad_cam(backbone: FrozenCLIP, last_tokens: torch.Tensor, grid: tuple[int, i
     bg_text: [G, E] normalised text features. Each pair gets its own copy of block N, so one
     backward of the summed target scores yields every pair's gradient exactly as if it had been
     computed alone. The softmax runs over the image's present classes and all background words.
-    Returns CAMs [P, h, w] in [0, 1].
+    The CAM is min-max scaled twice, as the authors' Grad-CAM library does (docs/method.md,
+    section 4), so each map peaks at 1 (to within the 1e-7 guard). Returns CAMs [P, h, w].
     """
-    x = last_tokens[pairs.image].detach()
+    x = last_tokens[pairs.image].detach().float()
     present = labels.to(x.device)[pairs.image] > 0
     text = torch.cat([fg_text, bg_text]).to(x.dtype)
     with torch.enable_grad():
@@ -75,7 +76,7 @@ def grad_cam(backbone: FrozenCLIP, last_tokens: torch.Tensor, grid: tuple[int, i
     activation, grad = ln_1_out.detach()[:, 1:].float(), grad[:, 1:].float()
     weights = grad.mean(1, keepdim=True)  # [P, 1, D]: channel weights
     cam = (weights * activation).sum(-1).relu()
-    return min_max(cam.view(-1, *grid))
+    return min_max(min_max(cam.view(-1, *grid)))
 
 
 def box_mask(cams: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:

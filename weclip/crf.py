@@ -1,4 +1,4 @@
-"""DenseCRF post-processing through pydensecrf (METHOD.md section 7)."""
+"""DenseCRF post-processing through pydensecrf (docs/method.md, section 7)."""
 from __future__ import annotations
 
 import numpy as np

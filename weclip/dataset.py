@@ -9,7 +9,8 @@ A prepared dataset is a folder holding
                    labels: space-separated class ids in 1..C (image-level, foreground only)
 
 Masks are single-channel PNGs: 0 is background, c is ``classes[c - 1]``, ``ignore_index`` is
-unlabelled. Training reads only the image-level labels, never the masks (METHOD.md section 1).
+unlabelled. Training reads only the image-level labels, never the masks (docs/method.md,
+section 1). Images stay on the 0-255 scale here: the model's backbone normalises them.
 """
 from __future__ import annotations
 
@@ -21,18 +22,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
+from .backbone import BackboneFeatures
 from .files import write_atomically
 
 MANIFEST_COLUMNS = ("image_id", "image", "mask", "split", "labels")
-
-# Pixel statistics on the 0-255 scale (METHOD.md section 1).
-NORMALIZATION = {
-    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
-}
 
 
 @dataclass
@@ -121,10 +116,14 @@ def read_manifest(root: str | Path, split: str | None = None) -> list[Record]:
     return records
 
 
+def _open_rgb(path: str | Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """An RGB image as float [3, H, W] on the 0-255 scale."""
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.float32)
+    array = np.asarray(_open_rgb(path), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
@@ -134,13 +133,6 @@ def load_mask(path: str | Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(im, dtype=np.int64).copy())
 
 
-def normalize(images: torch.Tensor, stats: str = "imagenet") -> torch.Tensor:
-    """[..., 3, H, W] on the 0-255 scale -> normalised with the named mean and std."""
-    mean, std = (torch.tensor(v, dtype=images.dtype, device=images.device).view(3, 1, 1)
-                 for v in NORMALIZATION[stats])
-    return (images - mean) / std
-
-
 def multi_hot(labels: list[int], num_foreground: int) -> torch.Tensor:
     """Class ids in 1..C -> float [C] multi-hot over the foreground classes."""
     target = torch.zeros(num_foreground)
@@ -148,26 +140,27 @@ def multi_hot(labels: list[int], num_foreground: int) -> torch.Tensor:
     return target
 
 
-def random_rescale_flip_crop(image: torch.Tensor, scale_range: tuple[float, float],
-                             crop_size: int, rng: random.Random, mask: torch.Tensor | None = None,
+def random_rescale_flip_crop(image: Image.Image, scale_range: tuple[float, float],
+                             crop_size: int, rng: random.Random, mask: Image.Image | None = None,
                              ignore_index: int = 255):
-    """METHOD.md section 1 augmentation of a [3, H, W] 0-255 image -> [3, crop, crop].
+    """The training augmentation (docs/method.md, section 1) of an RGB image -> uint8
+    [3, crop, crop] (and the mask, long [crop, crop], when given).
 
-    Rescale by a factor drawn from ``scale_range`` (bilinear), flip with p = 0.5, then a random
-    crop; where the image is smaller than the crop it lands at a random offset on a zero canvas.
-    A ``mask`` [H, W] (fully supervised training only) follows the image (nearest, canvas
-    ``ignore_index``) and is returned with it.
+    Rescale by a factor drawn from ``scale_range`` to the truncated size int(scale * side), with
+    PIL's bilinear filter (which antialiases when shrinking), as the authors' code does; flip
+    with p = 0.5; crop at random, where the image is smaller than the crop at a random offset
+    on a zero canvas. A ``mask`` (fully supervised training only) follows the image (nearest,
+    canvas ``ignore_index``).
     """
     scale = rng.uniform(*scale_range)
-    h, w = image.shape[-2:]
-    size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-    image = F.interpolate(image[None], size=size, mode="bilinear", align_corners=False)[0]
-    layers = [(image, 0)]
+    w, h = image.size
+    size = (max(1, int(w * scale)), max(1, int(h * scale)))
+    layers = [(_to_tensor(image.resize(size, Image.Resampling.BILINEAR)), 0)]
     if mask is not None:
-        mask = F.interpolate(mask[None, None].float(), size=size, mode="nearest")[0].long()
-        layers.append((mask, ignore_index))
+        layers.append((torch.from_numpy(np.asarray(mask.resize(size, Image.Resampling.NEAREST), np.int64)
+                                        .copy())[None], ignore_index))
     flip = rng.random() < 0.5
-    h, w = size
+    w, h = size
     ch, cw = max(h, crop_size), max(w, crop_size)
     top, left = rng.randint(0, ch - h), rng.randint(0, cw - w)
     y, x = rng.randint(0, ch - crop_size), rng.randint(0, cw - crop_size)
@@ -179,20 +172,74 @@ def random_rescale_flip_crop(image: torch.Tensor, scale_range: tuple[float, floa
     return out[0] if mask is None else (out[0], out[1][0])
 
 
-class TrainDataset(torch.utils.data.Dataset):
-    """Augmented crops with image-level labels: (image [3, crop, crop] normalised, labels [C], index).
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> uint8 [3, H, W]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)
 
-    With ``with_masks`` (the fully supervised upper bound) items are (image, labels, mask
-    [crop, crop]), the mask cropped with the image.
-    """
+
+@dataclass
+class Sample:
+    """One training item: image uint8 [3, S, S] (0-255), labels float [C] multi-hot, its index
+    in the dataset; mask long [S, S] (fully supervised only); features of one image without the
+    batch dimension (cached features only)."""
+
+    image: torch.Tensor
+    labels: torch.Tensor
+    index: int
+    mask: torch.Tensor | None = None
+    features: BackboneFeatures | None = None
+
+
+@dataclass
+class Batch:
+    """Samples stacked: images [B, 3, S, S] (0-255), labels [B, C], index [B] long; masks
+    [B, S, S] or None; features (BackboneFeatures of the batch, float32) or None."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    masks: torch.Tensor | None = None
+    features: BackboneFeatures | None = None
+
+    @classmethod
+    def collate(cls, samples: list[Sample]) -> "Batch":
+        first = samples[0]
+        masks = torch.stack([s.mask for s in samples]) if first.mask is not None else None
+        features = None
+        if first.features is not None:
+            features = BackboneFeatures(torch.stack([s.features.tokens for s in samples]).float(),
+                                        torch.stack([s.features.attn for s in samples]).float(),
+                                        first.features.grid)
+        return cls(torch.stack([s.image for s in samples]), torch.stack([s.labels for s in samples]),
+                   torch.tensor([s.index for s in samples]), masks, features)
+
+    def pin_memory(self) -> "Batch":
+        """Called by DataLoader(pin_memory=True), so that ``to`` copies asynchronously."""
+        return self._map(lambda t: t.pin_memory())
+
+    def to(self, device) -> "Batch":
+        """The tensors on ``device``, copied without blocking; the labels stay where they are
+        (the CAM step reads them on the host)."""
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def _map(self, fn) -> "Batch":
+        features = self.features and BackboneFeatures(fn(self.features.tokens),
+                                                      fn(self.features.attn), self.features.grid)
+        return Batch(fn(self.images), self.labels, self.index,
+                     None if self.masks is None else fn(self.masks), features)
+
+
+class TrainDataset(torch.utils.data.Dataset):
+    """Augmented crops with image-level labels, as ``Sample``s (with the cropped mask when
+    ``with_masks``: the fully supervised upper bound)."""
 
     def __init__(self, root: str | Path, split: str = "train", crop_size: int = 320,
-                 scale_range: tuple[float, float] = (0.5, 2.0), normalization: str = "imagenet",
-                 seed: int = 1, with_masks: bool = False):
+                 scale_range: tuple[float, float] = (0.5, 2.0), seed: int = 1,
+                 with_masks: bool = False):
         self.info = read_classes(root)
         self.records = read_manifest(root, split)
         self.crop_size, self.scale_range = crop_size, tuple(scale_range)
-        self.normalization, self.seed, self.with_masks = normalization, seed, with_masks
+        self.seed, self.with_masks = seed, with_masks
         self.epoch = 0
         missing = [r.image_id for r in self.records if with_masks and r.mask is None]
         if missing:
@@ -202,28 +249,38 @@ class TrainDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> Sample:
         record = self.records[index]
         # Seeded per (epoch, index) so that a resumed run sees the same crops.
         rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
         labels = multi_hot(record.labels, len(self.info.classes))
-        if self.with_masks:
-            image, mask = random_rescale_flip_crop(
-                load_image(record.image), self.scale_range, self.crop_size, rng,
-                load_mask(record.mask), self.info.ignore_index)
-            return normalize(image, self.normalization), labels, mask
-        image = random_rescale_flip_crop(load_image(record.image), self.scale_range,
-                                         self.crop_size, rng)
-        return normalize(image, self.normalization), labels, index
+        image = _open_rgb(record.image)
+        if not self.with_masks:
+            return Sample(random_rescale_flip_crop(image, self.scale_range, self.crop_size, rng),
+                          labels, index)
+        with Image.open(record.mask) as mask:
+            image, mask = random_rescale_flip_crop(image, self.scale_range, self.crop_size, rng,
+                                                   mask, self.info.ignore_index)
+        return Sample(image, labels, index, mask)
+
+
+@dataclass
+class EvalItem:
+    """A whole image: image float [3, H, W] (0-255), mask long [H, W] or None, labels float [C]
+    multi-hot, image_id."""
+
+    image: torch.Tensor
+    mask: torch.Tensor | None
+    labels: torch.Tensor
+    image_id: str
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """Whole images: (image [3, H, W] normalised, image [3, H, W] 0-255, mask [H, W] or None, labels [C], index)."""
+    """Whole images of a split, as ``EvalItem``s."""
 
-    def __init__(self, root: str | Path, split: str = "val", normalization: str = "imagenet"):
+    def __init__(self, root: str | Path, split: str = "val"):
         self.info = read_classes(root)
         self.records = read_manifest(root, split)
-        self.normalization = normalization
 
     def __len__(self) -> int:
         return len(self.records)
@@ -232,9 +289,8 @@ class EvalDataset(torch.utils.data.Dataset):
         """Indices of the first ``limit`` images (all if None) that have a mask to score."""
         return [i for i, r in enumerate(self.records) if r.mask][:limit]
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, index: int) -> EvalItem:
         record = self.records[index]
-        raw = load_image(record.image)
         mask = load_mask(record.mask) if record.mask else None
-        labels = multi_hot(record.labels, len(self.info.classes))
-        return normalize(raw, self.normalization), raw, mask, labels, index
+        return EvalItem(load_image(record.image), mask,
+                        multi_hot(record.labels, len(self.info.classes)), record.image_id)

@@ -1,4 +1,4 @@
-"""The trainable decoder on frozen CLIP tokens, and its affinity map (METHOD.md section 3)."""
+"""The trainable decoder on frozen CLIP tokens, and its affinity map (docs/method.md, section 3)."""
 from __future__ import annotations
 
 import torch

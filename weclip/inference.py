@@ -1,4 +1,4 @@
-"""Multi-scale + flip inference (METHOD.md section 7)."""
+"""Multi-scale + flip inference (docs/method.md, section 7)."""
 from __future__ import annotations
 
 import torch
@@ -16,7 +16,7 @@ def resize_long_side(images: torch.Tensor, long_side: int) -> torch.Tensor:
 @torch.no_grad()
 def predict(model, images: torch.Tensor, scales=(1.0, 0.75), flip: bool = True,
             long_side: int | None = 512) -> torch.Tensor:
-    """Class probabilities [B, C, H, W] for normalised images [B, 3, H, W].
+    """Class probabilities [B, C, H, W] for images [B, 3, H, W] on the 0-255 scale.
 
     The images are resized to ``long_side`` (None keeps them), then for each scale (and its
     horizontal flip) the logits are resized to the first scale's grid and averaged; the average

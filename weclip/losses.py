@@ -1,24 +1,38 @@
-"""Segmentation and affinity losses on the online pseudo labels (METHOD.md section 6)."""
+"""Segmentation and affinity losses on the online pseudo labels (docs/method.md, section 6).
+
+Each loss is a sum over pixels or pairs divided by a count. In data-parallel training a rank
+sees part of the batch: ``sum_counts`` (a sum over the ranks, e.g. an all-reduce) makes the
+counts those of the whole batch, so that the ranks' losses add up to the whole batch's loss.
+"""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
+SumCounts = Callable[[torch.Tensor], torch.Tensor]
 
-def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+
+def _summed(counts: torch.Tensor, sum_counts: SumCounts | None) -> torch.Tensor:
+    return counts if sum_counts is None else sum_counts(counts)
+
+
+def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+             sum_counts: SumCounts | None = None) -> torch.Tensor:
     """0.5 x (CE over background pixels + CE over foreground pixels).
 
     logits: [B, C, h, w] at the labels' size; labels: [B, h, w] long. Balancing the two halves
     keeps the background, most of every image, from dominating. A half with no pixels adds 0
     (where a plain mean cross entropy would give NaN).
     """
-    def mean_ce(target):
-        total = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="sum")
-        return total / (target != ignore_index).sum().clamp(min=1)
-
-    background = labels.masked_fill(labels != 0, ignore_index)
-    foreground = labels.masked_fill(labels == 0, ignore_index)
-    return 0.5 * (mean_ce(background) + mean_ce(foreground))
+    halves = (labels.masked_fill(labels != 0, ignore_index),  # background
+              labels.masked_fill(labels == 0, ignore_index))  # foreground
+    totals = torch.stack([F.cross_entropy(logits, t, ignore_index=ignore_index, reduction="sum")
+                          for t in halves])
+    counts = _summed(torch.stack([(t != ignore_index).sum() for t in halves]), sum_counts)
+    # An empty half has a zero total; dividing it by 1 keeps it zero.
+    return 0.5 * (totals / counts.where(counts > 0, 1)).sum()
 
 
 def radius_mask(h: int, w: int, radius: int) -> torch.Tensor:
@@ -46,13 +60,14 @@ def affinity_labels(pseudo: torch.Tensor, mask: torch.Tensor, patch: int = 16,
     return labels.masked_fill(ignored, ignore_index)
 
 
-def affinity_loss(pred: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def affinity_loss(pred: torch.Tensor, labels: torch.Tensor,
+                  sum_counts: SumCounts | None = None) -> torch.Tensor:
     """0.5 x mean (1 - A_f) over positive pairs + 0.5 x mean A_f over negative pairs.
 
     pred: [B, hw, hw] in (0, 1); labels: [B, hw, hw] with 1, 0 or ignored. Each mean
     divides by (count + 1) so that an empty set contributes zero.
     """
     pos, neg = (labels == 1).to(pred.dtype), (labels == 0).to(pred.dtype)
-    pos_loss = (pos * (1 - pred)).sum() / (pos.sum() + 1)
-    neg_loss = (neg * pred).sum() / (neg.sum() + 1)
-    return 0.5 * pos_loss + 0.5 * neg_loss
+    totals = torch.stack([(pos * (1 - pred)).sum(), (neg * pred).sum()])
+    counts = _summed(torch.stack([pos.sum(), neg.sum()]), sum_counts)
+    return 0.5 * (totals / (counts + 1)).sum()

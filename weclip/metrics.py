@@ -1,4 +1,4 @@
-"""Confusion matrix, per-class IoU and mIoU (METHOD.md section 7)."""
+"""Confusion matrix, per-class IoU and mIoU (docs/method.md, section 7)."""
 from __future__ import annotations
 
 import torch
@@ -28,5 +28,8 @@ def iou(confusion: torch.Tensor) -> torch.Tensor:
 
 
 def mean_iou(confusion: torch.Tensor) -> float:
-    """Mean over the classes that occur (NaN-aware), as a fraction in [0, 1]."""
-    return float(iou(confusion).nanmean())
+    """Mean IoU over the classes present in the ground truth (rows with pixels), as a fraction
+    in [0, 1], as the authors' code averages (docs/method.md, section 7); a class only
+    predicted lowers no mean."""
+    present = confusion.sum(1) > 0
+    return float(iou(confusion)[present].mean())

@@ -1,4 +1,4 @@
-"""Pixel-adaptive refinement (PAR, from AFA): CAMs smoothed along image colour (METHOD.md section 5)."""
+"""Pixel-adaptive refinement (PAR, from AFA): CAMs smoothed along image colour (docs/method.md, section 5)."""
 from __future__ import annotations
 
 import math

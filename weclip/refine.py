@@ -1,4 +1,4 @@
-"""Refining CAMs with attention: static refinement and the RFM (METHOD.md section 5).
+"""Refining CAMs with attention: static refinement and the RFM (docs/method.md, section 5).
 
 All attention maps here are head-averaged with the class token's row and column dropped.
 """

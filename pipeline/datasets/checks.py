@@ -70,10 +70,11 @@ def check_records(records: list[Record], info: ClassInfo, *, labels_from_masks: 
     good, problems = [], []
     seen = set()
     for record, record_problems in results:
-        if record.image_id in seen:
+        # An image may belong to several splits (VOC's train lies within train_aug).
+        if (record.split, record.image_id) in seen:
             record_problems.append((str(record.image), f"image_id {record.image_id!r} repeats "
-                                                       "an earlier image's"))
-        seen.add(record.image_id)
+                                                       f"an earlier image's in split {record.split!r}"))
+        seen.add((record.split, record.image_id))
         if record_problems:
             problems.extend(record_problems)
         else:

@@ -1,8 +1,10 @@
 """PASCAL VOC 2012 with the SBD augmented masks -> the data contract of ``weclip.dataset``.
 
-Splits: 'train_aug' (10,582 images: SBD train + val and VOC train, minus VOC val), 'val' (1,449,
-VOC ``ImageSets/Segmentation/val.txt``) and 'test' (1,456, only when VOC2012test was extracted
-into the devkit; no masks, no labels). Image-level labels are the classes in each mask.
+Splits: 'train_aug' (10,582 images: SBD train + val and VOC train, minus VOC val), 'train'
+(1,464, VOC ``ImageSets/Segmentation/train.txt`` with VOC's fine masks, all also in train_aug:
+where the paper scores its pseudo labels), 'val' (1,449, VOC ``ImageSets/Segmentation/val.txt``)
+and 'test' (1,456, only when VOC2012test was extracted into the devkit; no masks, no labels).
+Image-level labels are the classes in each mask.
 Images and masks are referenced where they are, not copied.
 
 Two ways in:
@@ -59,7 +61,7 @@ ARCHIVES = {
         "benchmark.tgz",
         "md5:82b4d87ceb2ed10f6038a1cba92111cb"),
 }
-SPLITS = ("train_aug", "val", "test")
+SPLITS = ("train_aug", "train", "val", "test")
 
 
 def voc_class_info() -> ClassInfo:
@@ -164,6 +166,8 @@ def list_voc(root: Path, splits: tuple[str, ...] = SPLITS) -> list[Record]:
             continue
         if split == "val":
             ids = val
+        elif split == "train":
+            ids = read_ids(root / "ImageSets" / "Segmentation" / "train.txt")
         else:
             ids = sorted({p.stem for p in aug.glob("*.png")} - set(val))
         records += [Record(i, image / f"{i}.jpg", aug / f"{i}.png", split) for i in ids]

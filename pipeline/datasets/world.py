@@ -83,7 +83,7 @@ def class_info() -> ClassInfo:
     return ClassInfo(
         name="world",
         classes=[name for name, _ in CLASSES],
-        # Filled into a template such as 'a photo of {}.' (METHOD.md), like the background words.
+        # Filled into a template such as 'a photo of {}.' (docs/method.md, section 2), like the background words.
         prompts=[_article(name) for name, _ in CLASSES],
         background=[word for word, _ in BACKGROUNDS],
     )

@@ -1,0 +1,84 @@
+"""Building WeCLIP from its configuration, and the self-describing model file.
+
+``model.pt`` holds everything needed to use a trained model anywhere: the configuration, the
+class names, prompts and background words, the identity of the frozen CLIP (its config, its
+weights as configured and a digest of them) and the decoder's weights. The frozen CLIP's own
+weights are not copied into it (ViT-B/16 is 600 MB); ``load_model`` finds them again from the
+configuration and checks the digest.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from .backbone import FrozenCLIP
+from .config import ModelConfig
+from .dataset import ClassInfo
+from .files import write_atomically
+from .model import WeCLIP
+
+FORMAT = "weclip-model/1"
+# Where weight files named relative to the project (the shipped small CLIP) are found when the
+# working directory is elsewhere.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def resolve_weights(weights: str | None) -> str | None:
+    """A weight file as given if it exists, else relative to the project root if it exists
+    there, else unchanged (an open_clip pretrained tag, or a missing file to report)."""
+    if weights is None or Path(weights).exists():
+        return weights
+    shipped = PROJECT_ROOT / weights
+    return str(shipped) if shipped.exists() else weights
+
+
+def create_model(config: ModelConfig, classes: ClassInfo) -> WeCLIP:
+    """A WeCLIP of ``config`` for ``classes``, its decoder untrained."""
+    backbone = FrozenCLIP.from_config(config.arch, resolve_weights(config.weights),
+                                      config.normalization)
+    return WeCLIP(backbone, classes, config)
+
+
+def save_model(model: WeCLIP, path: str | Path) -> Path:
+    """Write ``model`` as a self-describing file (atomically); returns the path."""
+    state = {"format": FORMAT, "config": asdict(model.config), "classes": asdict(model.classes),
+             "backbone": {"arch": model.config.arch, "weights": model.config.weights,
+                          "digest": model.backbone.digest()},
+             "decoder": model.decoder.state_dict()}
+    return write_atomically(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               weights: str | None = None) -> WeCLIP:
+    """The trained WeCLIP of a file written by ``save_model``, in eval mode on ``device``.
+
+    ``weights`` replaces the frozen CLIP's weight file or tag recorded in the file (for a
+    model moved to a machine that keeps the weights elsewhere); either way the weights must
+    be the ones the model was trained on.
+    """
+    path = Path(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: model file not found") from None
+    except Exception as e:  # torch raises a variety of errors for files that are not its own
+        raise ValueError(f"{path}: not a WeCLIP model file ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path}: not a WeCLIP model file of format {FORMAT!r} (found "
+                         f"{found!r}); a model.pt of an older version must be trained again")
+    try:
+        config = ModelConfig(**state["config"])
+    except TypeError as e:  # a file of another version of this package
+        raise ValueError(f"{path}: its model configuration does not fit this version ({e})") from None
+    if weights is not None:
+        config.weights = weights
+    model = create_model(config, ClassInfo(**state["classes"]))
+    if model.backbone.digest() != state["backbone"]["digest"]:
+        raise ValueError(f"{path}: the frozen CLIP {config.arch} with weights {config.weights!r} "
+                         "is not the one this model was trained on (digest differs); pass the "
+                         "right weights")
+    model.decoder.load_state_dict(state["decoder"])
+    return model.to(device).eval()
