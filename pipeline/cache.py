@@ -11,6 +11,7 @@ the others wait; every rank returns only once all shards are written.
 from __future__ import annotations
 
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from weclip.factory import resolve_weights
 from weclip.dataset import load_image, multi_hot, read_classes, read_manifest
 
 from . import distributed
+from .common import Stopped, exclusive, stop_requests
 from .features import FORMAT, backbone_attributes, create_store, open_store
 from .params import Params
 
@@ -43,9 +45,10 @@ def cache(params: Params) -> Path:
         shutil.rmtree(path)
     m = params.model
     backbone = FrozenCLIP.from_config(m.arch, resolve_weights(m.weights), m.normalization)
-    return write_cache(backbone, params.dataset_dir, params.train.split, path,
-                       size=params.train.crop_size, batch_size=params.cache.batch_size,
-                       device=device)
+    with exclusive(path) if distributed.is_main() else nullcontext():
+        return write_cache(backbone, params.dataset_dir, params.train.split, path,
+                           size=params.train.crop_size, batch_size=params.cache.batch_size,
+                           device=device)
 
 
 def fixed_view(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -103,9 +106,13 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
     total = sum(stop - start for start, stop in mine)
     left = sum(stop - start for start, stop in todo)
     share = " (rank 0's share)" if distributed.world_size() > 1 else ""
-    with tqdm(total=total, initial=total - left, desc=f"cache {split}{share}", unit="img",
-              disable=not (progress and distributed.is_main())) as bar:
+    with (tqdm(total=total, initial=total - left, desc=f"cache {split}{share}", unit="img",
+               disable=not (progress and distributed.is_main())) as bar,
+          stop_requests() as requested):
         for start, stop in todo:
+            if requested.is_set():
+                raise Stopped(f"{out_path}: stopped by a signal; the shards done are kept, run "
+                              "again to resume")
             views = torch.stack([fixed_view(load_image(r.image), size)
                                  for r in records[start:stop]])
             tokens, attn = [], []

@@ -1,25 +1,65 @@
-"""The `weclip` command line: one command per pipeline stage, each running a Prefect flow."""
+"""The `weclip` command line: one command per pipeline stage, each running a Prefect flow.
+
+A wrong parameter, a missing file or another error a user can fix ends a command with one
+line, `error: <file or key>: <problem>`, and exit code 1; --verbose (or WECLIP_DEBUG=1) adds
+the traceback.
+"""
 from __future__ import annotations
 
+import logging
 import os
+import re
+import traceback
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 # No model hub can be reached from the machines this runs on by default; open_clip must not
 # wait on one. A user with network access can export HF_HUB_OFFLINE=0.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-app = typer.Typer(help="WeCLIP: weakly supervised semantic segmentation on a frozen CLIP.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+
+def _debug() -> bool:
+    return os.environ.get("WECLIP_DEBUG", "0") not in ("", "0")
+
+
+class _Commands(TyperGroup):
+    """The commands, each of whose errors a user can fix ends as one line."""
+
+    def invoke(self, ctx):
+        from .common import Stopped  # here, not at import: `weclip --help` needs no torch
+
+        try:
+            return super().invoke(ctx)
+        except (ValueError, FileNotFoundError, Stopped) as e:
+            if _debug():
+                traceback.print_exc()
+            # The system's own OSError keeps the file apart from the problem.
+            message = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else e
+            typer.echo(f"error: {message}", err=True)
+            raise typer.Exit(1) from None
+
+
+app = typer.Typer(cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v",
+                                      help="show an error's traceback (or set WECLIP_DEBUG=1)")):
+    """WeCLIP: weakly supervised semantic segmentation on a frozen CLIP."""
+    if verbose:
+        os.environ["WECLIP_DEBUG"] = "1"  # for the processes a command starts too
+
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="the parameters file")
 SetOption = typer.Option(None, "--set", "-S", help="override a parameter: -S train.iters=100")
 TagOption = typer.Option(None, "--tag", help="extra Prefect tags for the run")
 
 
-def _load(params_path: Optional[Path], overrides: Optional[list[str]]):
+def _load(params_path: Optional[Path], overrides: Optional[list[str]], needs=()):
+    """The checked parameters; ``needs``: the keys whose file or device the command uses."""
     import yaml
 
     from .params import load_params
@@ -28,9 +68,14 @@ def _load(params_path: Optional[Path], overrides: Optional[list[str]]):
     for item in overrides or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise typer.BadParameter(f"{item!r}: expected key=value")
+            raise ValueError(f"--set {item!r}: expected key=value")
         values[key] = yaml.safe_load(value)
-    return load_params(params_path, values)
+        if isinstance(values[key], str) and _EXPONENT.fullmatch(values[key]):
+            values[key] = float(values[key])  # YAML 1.1 reads 2e-4 (no dot) as a string
+    return load_params(params_path, values, needs)
+
+
+_EXPONENT = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
 
 
 # The stages that run across processes (`<stage>.nproc` of them); each is the function of its
@@ -52,11 +97,22 @@ def _run(stage: str, params, tags: Optional[list[str]]):
 
     from . import flows
 
+    if not _debug():
+        # Prefect logs a failed run's traceback to its API and, through the root logger's
+        # handler, to the console, where the one-line error replaces it.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: not (r.exc_info and r.name.startswith("prefect.")))
+
     run_tags = [f"stage:{stage}", *(tags or [])]
     if os.environ.get("DVC_EXP_NAME"):
         run_tags.append(f"dvc-exp:{os.environ['DVC_EXP_NAME']}")
     with prefect_tags(*run_tags):
-        return getattr(flows, stage.replace("-", "_") + "_flow")(params)
+        try:
+            return getattr(flows, stage.replace("-", "_") + "_flow")(params)
+        except Exception:
+            # Prefect logs its shutdown (the temporary server's) at exit, after the error line.
+            logging.disable()
+            raise
 
 
 def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> int:
@@ -71,6 +127,15 @@ def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> int:
     return subprocess.run(launch_command(nproc, argv)).returncode
 
 
+# What of this machine each stage uses, checked before it starts (see pipeline.params.PRESENCE).
+NEEDS = {
+    "cache": ("model.weights", "cache.device"),
+    "train": ("model.weights", "train.device"),
+    "upper-bound": ("model.weights", "train.device"),
+    "infer": ("infer.device",),
+    "evaluate": ("infer.device",),
+}
+
 STAGES = {
     "prepare": "Prepare the dataset of `data.dataset` into the data contract.",
     "cache": "Write the frozen CLIP's tokens and attention of the train split to zarr (resumable).",
@@ -84,7 +149,7 @@ STAGES = {
 def _stage_command(stage: str, help_text: str):
     def command(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
                 tag: Optional[list[str]] = TagOption):
-        p = _load(params, set_)
+        p = _load(params, set_, NEEDS.get(stage, ()))
         nproc = getattr(p, stage).nproc if stage in DISTRIBUTED else 1
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
             raise typer.Exit(_launch(stage, params, set_, tag, nproc))
@@ -112,7 +177,7 @@ def predict(images: list[Path] = typer.Argument(..., help="image files to segmen
     per image."""
     from .infer import predict_files
 
-    for path in predict_files(model, images, out, _load(params, set_).infer):
+    for path in predict_files(model, images, out, _load(params, set_, ("infer.device",)).infer):
         typer.echo(path)
 
 

@@ -1,5 +1,13 @@
-"""What several stages share: scoring a model on a split."""
+"""What several stages share: scoring a model on a split, stopping cleanly on a signal, and
+one writer per output folder."""
 from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import threading
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
@@ -28,3 +36,46 @@ def score(model: WeCLIP, dataset: EvalDataset, device, limit: int | None = None,
             out["prediction"] += confusion_matrix(probs.argmax(1)[0].cpu(), item.mask, c)
     return out
 
+
+
+class Stopped(RuntimeError):
+    """A stage stopped by SIGTERM or SIGINT after saving its progress; rerunning it resumes."""
+
+
+@contextmanager
+def stop_requests():
+    """Within the block SIGTERM and SIGINT (a job scheduler, `kill`, Ctrl-C, a cancelled
+    `dvc repro`) set the yielded Event instead of ending the process, so that the stage stops
+    at its next safe point (after an iteration, an image or a shard) with its progress saved.
+    Outside the main thread, where Python cannot handle signals, the Event is never set."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+    signals = (signal.SIGTERM, signal.SIGINT)
+    previous = {s: signal.signal(s, lambda *_: requested.set()) for s in signals}
+    try:
+        yield requested
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def exclusive(folder: Path):
+    """Hold ``folder``'s lock (the file <folder>.lock beside it, outside what DVC hashes) for
+    the block, so that two runs never write the same outputs; a folder locked by another process
+    is refused. The operating system releases the lock when the process ends, however it ends."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ValueError(f"{folder}: another weclip run ({lock.read().strip() or 'a process'}) "
+                             "is writing here; wait for it or stop it") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}\n")
+        lock.flush()
+        yield

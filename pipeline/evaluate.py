@@ -5,8 +5,9 @@ statically refined CAM, the RFM-refined CAM (each as background = 1 - max, argma
 the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
 single scale, multi-scale + flip, and with DenseCRF (the final result); with
 ``upper_bound.enabled``, also the single-scale prediction of the decoder trained on masks.
-``attention`` in metrics.json says how much of the backbone's attention stays within objects and
-within the background, which is what the static and RFM refinements rely on.
+``attention`` in diagnostics.json (beside metrics.json, which keeps the headline mIoUs only) says
+how much of the backbone's attention stays within objects and within the background, which is
+what the static and RFM refinements rely on.
 """
 from __future__ import annotations
 
@@ -25,8 +26,8 @@ from weclip.refine import transition_matrix
 from . import distributed
 from .common import score
 from .params import Params
-from .report import (iou_table, write_confusion, write_metrics, write_per_class_iou,
-                     write_qualitative, write_tables)
+from .report import (iou_table, split_metrics, write_charts, write_confusion, write_metrics,
+                     write_per_class_iou, write_qualitative, write_tables, write_variant_iou)
 
 CAM_STEPS = {"initial CAM": ("none", False), "static CAM": ("static", False),
              "RFM CAM": ("rfm", False), "pseudo labels (RFM + PAR)": ("rfm", True)}
@@ -124,20 +125,24 @@ def evaluate(params: Params, model_path: str | Path | None = None):
     table = iou_table({**cams, **preds}, info.classes)
     write_tables(table, out)
     write_per_class_iou(table, out / "per_class_iou.csv")
+    write_variant_iou(table, "+ CRF", out / "per_class_iou_final.csv")
     write_confusion(preds["+ CRF"], info.classes, out / "confusion.csv")
     miou = {name: round(100 * mean_iou(conf), 2) for name, conf in {**cams, **preds}.items()}
-    metrics = {"val": {"miou": miou["+ CRF"], "miou_no_crf": miou["+ multi-scale + flip"],
+    results = {"val": {"miou": miou["+ CRF"], "miou_no_crf": miou["+ multi-scale + flip"],
                        "miou_single_scale": miou["prediction"]},
                "train": {"pseudo_miou": miou["pseudo labels (RFM + PAR)"]},
                "ablation": miou,
                "attention": attention_agreement(model, train_data, device, e.train_images)}
-    write_metrics(metrics, out / "metrics.json")
+    headline, diagnostics = split_metrics(results)
+    write_metrics(headline, out / "metrics.json")  # the DVC metric
+    write_metrics(diagnostics, out / "diagnostics.json")  # an output, not a metric
+    write_charts(table, "+ CRF", Path(params.train.out), out)
     samples = []
     for i in val.with_masks(e.qualitative):
         item = val[i]
         pred = load_mask(Path(params.infer.out) / "crf" / f"{item.image_id}.png")
         samples.append((np.asarray(item.image.permute(1, 2, 0), np.uint8), item.mask.numpy(),
                         pred.numpy(), item.image_id))
-    if samples:
-        write_qualitative(samples, out / "qualitative.png")
-    return metrics, table
+    write_qualitative(samples, out / "qualitative.png", class_names=info.classes)
+    return results, table
+

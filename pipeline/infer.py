@@ -12,7 +12,9 @@ segments every N-th image; every output is per image, so no two ranks write the 
 from __future__ import annotations
 
 import shutil
+import signal
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from weclip.crf import dense_crf
 from weclip.dataset import EvalDataset, load_image
 
 from . import distributed
+from .common import Stopped, exclusive, stop_requests
 from .params import InferParams, Params, file_digest, params_fingerprint
 from .report import overlay, save_palette_png, write_image
 
@@ -36,12 +39,23 @@ def _crf_job(image: np.ndarray, probs: np.ndarray, crf: dict, path: Path) -> Non
 
 def infer(params: Params, model_path: str | Path | None = None) -> Path:
     """Write the three predictions of every image of the split with ``model_path`` (default:
-    train.out's model.pt); returns the output folder."""
+    train.out's model.pt); returns the output folder. SIGTERM or SIGINT stop it after the
+    current image, raising ``Stopped``; a rerun resumes."""
     model_path = model_path or Path(params.train.out) / "model.pt"
+    device = distributed.local_device(params.infer.device)
+    distributed.init(device)
+    out = Path(params.infer.out)
+    with ExitStack() as stack:
+        if distributed.is_main():
+            stack.enter_context(exclusive(out))
+        stop = stack.enter_context(stop_requests())
+        _infer(params, model_path, device, stop)
+    return out
+
+
+def _infer(params: Params, model_path: str | Path, device: torch.device, stop) -> None:
     p = params.infer
     out = Path(p.out)
-    device = distributed.local_device(p.device)
-    distributed.init(device)
     if distributed.is_main():
         # Predictions of another model or other settings must not be resumed from.
         stamp = out / "fingerprint.txt"
@@ -56,9 +70,12 @@ def infer(params: Params, model_path: str | Path | None = None) -> Path:
     data = EvalDataset(params.dataset_dir, p.split)
     todo = [i for i in distributed.shard(range(len(data)))
             if not (out / "crf" / f"{data.records[i].image_id}.png").exists()]
-    with ProcessPoolExecutor(max_workers=p.workers) as pool:
+    # The CRF workers leave Ctrl-C to this process, which finishes their images and stops.
+    with ProcessPoolExecutor(max_workers=p.workers, initializer=_ignore_interrupts) as pool:
         jobs = []
         for i in tqdm(todo, desc=f"infer {p.split}", unit="image", disable=not distributed.is_main()):
+            if stop.is_set():
+                break
             item = data[i]
             name = f"{item.image_id}.png"
             single, probs = segment(model, item.image[None].to(device), p)
@@ -71,11 +88,16 @@ def infer(params: Params, model_path: str | Path | None = None) -> Path:
                 jobs = [j for j in jobs if not j.done()]
         for job in jobs:
             job.result()
-    if p.export_pseudo:
+    if p.export_pseudo and not stop.is_set():
         export_pseudo_labels(model, EvalDataset(params.dataset_dir, params.train.split),
-                             out / "pseudo", device)
+                             out / "pseudo", device, stop)
+    if stop.is_set():
+        raise Stopped(f"{out}: stopped by a signal; the images done are kept, run again to resume")
     distributed.barrier()
-    return out
+
+
+def _ignore_interrupts() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _rgb(image: torch.Tensor) -> np.ndarray:
@@ -93,12 +115,15 @@ def segment(model, image: torch.Tensor, p: InferParams) -> tuple[np.ndarray, np.
 
 
 @torch.no_grad()
-def export_pseudo_labels(model, data: EvalDataset, out: Path, device) -> Path:
-    """The RFM + PAR pseudo label of this rank's share of ``data`` as palette PNGs (resumable)."""
+def export_pseudo_labels(model, data: EvalDataset, out: Path, device, stop) -> Path:
+    """The RFM + PAR pseudo label of this rank's share of ``data`` as palette PNGs (resumable;
+    ends early when the Event ``stop`` is set)."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in distributed.shard(range(len(data)))
             if not (out / f"{data.records[i].image_id}.png").exists()]
     for i in tqdm(todo, desc="pseudo labels", unit="image", disable=not distributed.is_main()):
+        if stop.is_set():
+            break
         item = data[i]
         pseudo = model(item.image[None].to(device), item.labels[None]).pseudo[0]
         save_palette_png(pseudo.cpu().numpy().astype(np.uint8), out / f"{item.image_id}.png")
@@ -114,10 +139,7 @@ def predict_files(model_path: str | Path, images: list[Path], out: Path,
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for path in tqdm(images, desc="predict", unit="image"):
-        try:
-            image = load_image(path)
-        except OSError as e:
-            raise ValueError(f"{path}: cannot read the image ({e})") from None
+        image = load_image(path)  # a bad file: a ValueError naming it
         _, probs = segment(model, image[None].to(device), p)
         labels = dense_crf(_rgb(image), probs, **vars(p.crf)).argmax(0).astype(np.uint8)
         written.append(save_palette_png(labels, out / f"{path.stem}.png"))

@@ -1,4 +1,5 @@
-"""params.yaml, typed: one dataclass per stage group, unknown keys refused by name.
+"""params.yaml, typed: one dataclass per stage group, unknown keys refused by name, every value
+checked against its type and range before any work starts.
 
 The defaults here (and the model's, ``weclip.config.ModelConfig``) are the paper's VOC
 settings as the authors' code runs them. A recipe (``params/<name>.yaml``) states only what
@@ -7,15 +8,24 @@ differs from them; ``write_recipe`` renders one in full as params.yaml, which DV
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
+import types
+import typing
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import open_clip
+import torch
 import yaml
 
+from weclip.backbone import NORMALIZATION
 from weclip.config import ModelConfig
+from weclip.factory import resolve_weights
+from weclip.model_configs import register_model_configs
 
 RECIPES = Path(__file__).resolve().parent.parent / "params"
 
@@ -35,6 +45,7 @@ class DataParams:
     out: str = "data/prepared"
     skip_bad: bool = False
     workers: int = 2
+    max_pixels: int = 50_000_000  # larger images are refused (weclip.dataset.MAX_PIXELS)
     world: WorldParams = field(default_factory=WorldParams)
     voc: dict = field(default_factory=dict)  # keyword arguments of prepare_voc
     coco: dict = field(default_factory=dict)  # keyword arguments of prepare_coco
@@ -65,10 +76,10 @@ class TrainParams:
     nproc: int = 1  # processes (GPUs) to train on; train.batch_size is split among them
     batch_size: int = 4
     crop_size: int = 320
-    scale_range: list = field(default_factory=lambda: [0.5, 2.0])
+    scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     lr: float = 2e-4
     decoder_lr_mult: float = 10.0
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01
     warmup_iters: int = 50
     warmup_ratio: float = 1e-6
@@ -96,7 +107,7 @@ class CRFParams:
 @dataclass
 class InferParams:
     split: str = "val"
-    scales: list = field(default_factory=lambda: [1.0, 0.75])
+    scales: list[float] = field(default_factory=lambda: [1.0, 0.75])
     flip: bool = True
     long_side: int | None = 512
     crf: CRFParams = field(default_factory=CRFParams)
@@ -161,10 +172,181 @@ def _read_yaml(path: Path) -> dict:
         raise ValueError(f"{path}: not valid YAML ({e})") from None
 
 
-def load_params(path: str | Path | None = "params.yaml",
-                overrides: dict[str, Any] | None = None) -> Params:
+# What each value must be besides its annotated type: a check per dotted key that returns
+# what is allowed when the value is not (None when it is). A check may read keys declared
+# before its own, which are checked first.
+
+
+def _at_least(low):
+    return lambda value, p: None if value >= low else f"must be at least {low}"
+
+
+def _between(low, high):
+    return lambda value, p: None if low <= value <= high else f"must be between {low} and {high}"
+
+
+def _one_of(*choices):
+    return lambda value, p: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _known_arch(arch, p):
+    register_model_configs()
+    if arch in open_clip.list_models():
+        return None
+    close = difflib.get_close_matches(arch, open_clip.list_models(), n=4)
+    return "must be an open_clip model config" + (f", e.g. {', '.join(close)}" if close
+                                                   else " (see open_clip.list_models())")
+
+
+def _names_a_file(weights: str) -> bool:
+    """How create_clip tells a weight file from a pretrained tag (and a slash means a path)."""
+    return bool(Path(weights).suffix) or "/" in weights or Path(resolve_weights(weights)).exists()
+
+
+def _weights(weights, p):
+    tags = open_clip.list_pretrained_tags_by_model(p.model.arch)
+    if _names_a_file(weights) or weights in tags:
+        return None
+    return (f"must be null, a weight file or a pretrained tag of {p.model.arch} "
+            f"({', '.join(tags) or 'it has none'})")
+
+
+def _device(device, p):
+    kind, colon, index = device.partition(":")
+    if device in ("auto", "cpu") or kind == "cuda" and (not colon or index.isdigit()):
+        return None
+    return "must be auto, cpu, cuda or cuda:<index>"
+
+
+CHECKS = {
+    "data.workers": _at_least(0),
+    "data.max_pixels": _at_least(1),
+    "model.arch": _known_arch,
+    "model.weights": _weights,
+    "model.normalization": _one_of(*NORMALIZATION),
+    "model.decoder_dim": _at_least(1),
+    "model.decoder_layers": _at_least(1),
+    "model.decoder_heads": lambda heads, p: (
+        None if heads >= 1 and p.model.decoder_dim % heads == 0
+        else f"must divide model.decoder_dim ({p.model.decoder_dim})"),
+    "model.dropout": _between(0, 1),
+    "model.box_threshold": _between(0, 1),
+    "cache.batch_size": _at_least(1),
+    "cache.device": _device,
+    "cache.nproc": _at_least(1),
+    "train.features": _one_of("online", "cache"),
+    "train.supervision": _one_of("pseudo", "masks"),
+    "train.device": _device,
+    "train.iters": _at_least(1),
+    # rfm_start == iters: static refinement throughout.
+    "train.rfm_start": lambda start, p: (
+        None if 0 <= start <= p.train.iters
+        else f"must be between 0 and train.iters ({p.train.iters})"),
+    "train.nproc": _at_least(1),
+    "train.batch_size": lambda size, p: (
+        None if size >= 1 and size % p.train.nproc == 0
+        else f"must be a positive multiple of train.nproc ({p.train.nproc})"),
+    "train.crop_size": _between(32, 2048),
+    "train.scale_range": lambda scales, p: (
+        None if len(scales) == 2 and 0 < scales[0] <= scales[1]
+        else "must be two numbers [low, high] with 0 < low <= high"),
+    "train.lr": lambda lr, p: None if lr > 0 else "must be greater than 0",
+    "train.betas": lambda betas, p: (
+        None if len(betas) == 2 and all(0 <= b < 1 for b in betas)
+        else "must be two numbers in [0, 1)"),
+    "train.warmup_iters": _at_least(0),
+    "train.workers": _at_least(0),
+    "train.log_every": _at_least(1),
+    "train.checkpoint_every": _at_least(1),
+    "train.eval_every": _at_least(1),
+    "train.eval_images": _at_least(1),
+    "infer.scales": lambda scales, p: (
+        None if scales and all(s > 0 for s in scales)
+        else "must be a non-empty list of numbers greater than 0"),
+    "infer.long_side": _at_least(1),
+    "infer.workers": _at_least(0),
+    "infer.device": _device,
+    "infer.nproc": _at_least(1),
+    "evaluate.train_images": _at_least(1),
+}
+
+
+def _weight_file_present(weights, p):
+    if _names_a_file(weights) and not Path(resolve_weights(weights)).is_file():
+        return "is not an existing file"
+    return None
+
+
+def _device_present(device, p):
+    kind, _, index = device.partition(":")
+    gpus = torch.cuda.device_count()
+    if kind == "cuda" and int(index or 0) >= gpus:
+        return f"is not a device of this machine ({gpus} CUDA devices); use auto or cpu"
+    return None
+
+
+# What must be on this machine: checked only for the keys a command needs (``load_params``'s
+# ``needs``), as a recipe is written and data prepared before the CLIP weights are in place.
+PRESENCE = {"model.weights": _weight_file_present, "cache.device": _device_present,
+            "train.device": _device_present, "infer.device": _device_present}
+
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+              dict: "a mapping", type(None): "null", list[int]: "a list of integers",
+              list[float]: "a list of numbers"}
+
+
+def _has_type(value, hint) -> bool:
+    """``value`` is of annotation ``hint``: a YAML number is a float, a YAML bool no number."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if isinstance(value, bool):
+        return hint is bool
+    return isinstance(value, (int, float) if hint is float else hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(h) for h in typing.get_args(hint))
+    return TYPE_NAMES[hint]
+
+
+def _leaves(obj, prefix: str = ""):
+    """(dotted key, value, annotation) of every field below the dataclass ``obj``, in order."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaves(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, hints[f.name]
+
+
+def _problem(key: str, value, hint, params: Params, needs: Collection[str]) -> str | None:
+    if not _has_type(value, hint):
+        return f"is not {_type_name(hint)}"
+    if value is None:  # allowed by an Optional annotation: nothing more to check
+        return None
+    for check in (CHECKS.get(key), PRESENCE.get(key) if key in needs else None):
+        if check and (problem := check(value, params)):
+            return problem
+    return None
+
+
+def _validate(params: Params, needs: Collection[str]) -> None:
+    """Raise ValueError('<key>: <value> <what is allowed>') for the first value that is wrong."""
+    for key, value, hint in _leaves(params):
+        if problem := _problem(key, value, hint, params, needs):
+            raise ValueError(f"{key}: {value!r} {problem}")
+
+
+def load_params(path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None,
+                needs: Collection[str] = ()) -> Params:
     """Params from ``path`` (missing keys take the defaults above; None: the defaults alone),
-    then dotted ``overrides`` such as {"train.iters": 10}."""
+    then dotted ``overrides`` such as {"train.iters": 10}, checked: ValueError names the first
+    wrong value. ``needs``: keys of PRESENCE whose file or device must be on this machine."""
     values = _read_yaml(Path(path)) if path is not None else {}
     path = path or "defaults"
     for dotted, value in (overrides or {}).items():
@@ -173,7 +355,9 @@ def load_params(path: str | Path | None = "params.yaml",
         for part in parents:
             node = node.setdefault(part, {})
         node[key] = value
-    return _build(Params, values, str(path))
+    params = _build(Params, values, str(path))
+    _validate(params, needs)
+    return params
 
 
 def write_recipe(name: str, out: str | Path = "params.yaml") -> Path:

@@ -11,7 +11,7 @@ DATASETS = ("world", "voc", "coco", "folder")
 def prepare(params: Params) -> Path:
     """Prepare ``params.data.dataset`` and return its folder (classes.json + manifest.csv)."""
     d, out = params.data, params.dataset_dir
-    common = dict(skip_bad=d.skip_bad, workers=d.workers)
+    common = dict(skip_bad=d.skip_bad, workers=d.workers, max_pixels=d.max_pixels)
     if d.dataset == "world":
         from .datasets.world import generate_world
         return generate_world(out, seed=d.seed, **vars(d.world))

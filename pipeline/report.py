@@ -85,8 +85,25 @@ def _plain(value):
     return value
 
 
+# The groups of metrics.json, in this order: what `dvc metrics` and `dvc exp show` compare.
+HEADLINE_GROUPS = ("val", "train", "ablation")
+
+
+def split_metrics(results: dict) -> tuple[dict, dict]:
+    """Split the evaluate stage's results into (headline, diagnostics).
+
+    ``headline`` holds the groups of HEADLINE_GROUPS (those present, in that order), for
+    ``metrics.json``; ``diagnostics`` everything else (e.g. ``attention``, one value per block
+    and walk), for ``diagnostics.json``, which is an output but not a DVC metric, so that
+    ``dvc exp show`` keeps a column per headline figure instead of dozens of diagnostics.
+    """
+    headline = {group: results[group] for group in HEADLINE_GROUPS if group in results}
+    diagnostics = {key: value for key, value in results.items() if key not in HEADLINE_GROUPS}
+    return headline, diagnostics
+
+
 def write_metrics(metrics: dict, path: str | Path) -> Path:
-    """Write a nested dict of metrics as JSON for ``dvc metrics``, keys sorted.
+    """Write a nested dict of metrics as JSON for ``dvc metrics``.
 
     IoU values are percentages. The evaluate stage is to use these keys, so that
     ``dvc metrics diff`` compares like with like across revisions:
@@ -97,9 +114,16 @@ def write_metrics(metrics: dict, path: str | Path) -> Path:
         train.pseudo_miou      mIoU of the RFM-refined CAM pseudo labels on the train split
         ablation.<variant>     mIoU of each further IoU-table column (e.g. 'initial CAM')
 
-    Any other nesting is written as given. NaN (e.g. no class present) becomes null.
+    The top-level groups come in the order of HEADLINE_GROUPS, then any others sorted; keys
+    within a group keep the order given. DVC makes its columns in the file's order, so
+    ``val.miou`` is the first metric column of ``dvc exp show``. Any other nesting is written
+    as given (``diagnostics.json`` is written with this function too). NaN (e.g. no class
+    present) becomes null.
     """
-    text = json.dumps(_plain(metrics), indent=2, sort_keys=True) + "\n"
+    order = [g for g in HEADLINE_GROUPS if g in metrics] + sorted(
+        str(k) for k in metrics if k not in HEADLINE_GROUPS)
+    ordered = {key: metrics[key] for key in order}
+    text = json.dumps(_plain(ordered), indent=2) + "\n"
     return write_atomically(path, lambda tmp: tmp.write_text(text))
 
 
@@ -113,6 +137,21 @@ def write_per_class_iou(table: pd.DataFrame, path: str | Path) -> Path:
     long = per_class.reset_index().melt(id_vars="class", var_name="variant", value_name="iou")
     long = long.dropna(subset=["iou"])
     return write_atomically(path, lambda tmp: long.to_csv(tmp, index=False))
+
+
+def write_variant_iou(table: pd.DataFrame, variant: str, path: str | Path) -> Path:
+    """Write one column of an ``iou_table`` as CSV ``class,iou``: one row per class, in the
+    table's order, without the mIoU row and NaN entries.
+
+    This is what DVC's bar template draws as one bar per class (and, in ``dvc plots diff``,
+    one bar per class and revision side by side); the long file of every variant would
+    stack all the variants' bars of a class into one.
+    """
+    if variant not in table.columns:
+        raise ValueError(f"no column {variant!r} in the IoU table (has {list(table.columns)})")
+    column = table[variant].drop(index=MIOU_ROW, errors="ignore").dropna()
+    rows = pd.DataFrame({"class": column.index, "iou": column.to_numpy()})
+    return write_atomically(path, lambda tmp: rows.to_csv(tmp, index=False))
 
 
 def write_confusion(confusion: np.ndarray | torch.Tensor, class_names: list[str],
@@ -159,6 +198,116 @@ def write_confusion(confusion: np.ndarray | torch.Tensor, class_names: list[str]
     return csv_path, png_path
 
 
+# ----------------------------------------------------------------------------- static charts
+#
+# The same charts as dvc.yaml's vega plots, as PNGs: `dvc plots show` writes HTML that loads
+# the vega scripts from a CDN, so offline its vega charts stay empty; these images render
+# anywhere (and appear in that HTML too, as image plots). Bare Figures, not pyplot: no global
+# state and no display backend in a worker.
+
+
+def _save_figure(figure, path: str | Path) -> Path:
+    return write_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+
+
+def _no_data(axes, what: str) -> None:
+    axes.text(0.5, 0.5, f"no data: {what}", ha="center", va="center",
+              transform=axes.transAxes, color="grey")
+
+
+def write_line_chart(data: pd.DataFrame | str | Path, x: str, ys: Sequence[str],
+                     path: str | Path, *, title: str, x_label: str, y_label: str) -> Path:
+    """Write a PNG line chart of the columns ``ys`` of a CSV (or DataFrame) against ``x``.
+
+    A missing or empty file, or a missing column, gives a chart that says so instead of an
+    error, so that the stage's output always exists.
+    """
+    from matplotlib.figure import Figure
+
+    frame, what = None, None
+    if isinstance(data, pd.DataFrame):
+        frame = data
+    elif Path(data).is_file() and Path(data).stat().st_size:
+        frame = pd.read_csv(data)
+    else:
+        what = f"{Path(data).name} not found"
+    figure = Figure(figsize=(7, 4), layout="constrained")
+    axes = figure.add_subplot()
+    drawn = False
+    if frame is not None and x in frame.columns:
+        for y in ys:
+            if y in frame.columns and frame[y].notna().any():
+                axes.plot(frame[x], frame[y], label=y, marker="o" if len(frame) < 20 else None)
+                drawn = True
+    if drawn:
+        axes.legend()
+        axes.grid(alpha=0.3)
+    else:
+        _no_data(axes, what or f"no rows of {', '.join(ys)}")
+    axes.set_title(title)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    return _save_figure(figure, path)
+
+
+def write_bar_chart(table: pd.DataFrame, variant: str, path: str | Path, *, title: str,
+                    x_label: str = "IoU (%)", y_label: str = "class") -> Path:
+    """Write a PNG of horizontal bars, one per class, of one column of an ``iou_table``
+    (mIoU drawn as a dashed line, NaN classes left out), each bar labelled with its value."""
+    from matplotlib.figure import Figure
+
+    column = table[variant].drop(index=MIOU_ROW, errors="ignore").dropna()
+    figure = Figure(figsize=(7, 1.2 + 0.35 * max(len(column), 1)), layout="constrained")
+    axes = figure.add_subplot()
+    if len(column):
+        positions = np.arange(len(column))
+        axes.barh(positions, column.to_numpy(), color="#4c72b0")
+        axes.set_yticks(positions, [str(name) for name in column.index])
+        axes.invert_yaxis()  # the table's first row on top
+        for position, value in zip(positions, column.to_numpy()):
+            axes.text(value + 1, position, f"{value:.1f}", va="center", fontsize=8)
+        if MIOU_ROW in table.index and pd.notna(table.loc[MIOU_ROW, variant]):
+            miou = table.loc[MIOU_ROW, variant]
+            axes.axvline(miou, color="black", linestyle="--", linewidth=1)
+            axes.text(miou, 1.01, f"mIoU {miou:.1f}", transform=axes.get_xaxis_transform(),
+                      ha="center", va="bottom", fontsize=8)
+        axes.set_xlim(0, 110)
+        axes.grid(axis="x", alpha=0.3)
+    else:
+        _no_data(axes, f"no class scored in {variant!r}")
+    axes.set_title(title, pad=14)
+    axes.set_xlabel(x_label)
+    axes.set_ylabel(y_label)
+    return _save_figure(figure, path)
+
+
+FINAL_TITLE = "Per-class IoU of the final prediction (multi-scale + flip + CRF)"
+# The static charts of the evaluate stage: file name, the train stage's CSV, x, ys, title,
+# axis labels; the same as dvc.yaml's vega plots of those CSVs.
+LINE_CHARTS = (
+    ("losses.png", "losses.csv", "iteration", ("loss", "seg_loss", "aff_loss"),
+     "Training losses", "iteration", "loss"),
+    ("periodic_evaluation.png", "eval.csv", "iteration", ("train_pseudo_miou", "val_miou"),
+     "Periodic evaluation during training", "iteration", "mIoU (%)"),
+)
+
+
+def write_charts(table: pd.DataFrame, final: str, train_out: str | Path, out_dir: str | Path,
+                 final_title: str = FINAL_TITLE) -> list[Path]:
+    """Write the PNGs of dvc.yaml's vega plots into ``out_dir``, to view them offline:
+    ``losses.png`` and ``periodic_evaluation.png`` from the train stage's CSVs in
+    ``train_out`` (a chart saying 'no data' where there is none), and ``per_class_iou.png``,
+    the IoU per class of the ``final`` column of ``table`` under ``final_title``. Returns
+    their paths."""
+    out_dir, train_out = Path(out_dir), Path(train_out)
+    paths = [write_line_chart(train_out / csv, x, ys, out_dir / name, title=title,
+                              x_label=x_label, y_label=y_label)
+             for name, csv, x, ys, title, x_label, y_label in LINE_CHARTS]
+    paths.append(write_bar_chart(table, final, out_dir / "per_class_iou.png", title=final_title,
+                                 x_label="IoU (%)", y_label="class"))
+    return paths
+
+
 # ----------------------------------------------------------------------------- pictures
 
 
@@ -180,24 +329,57 @@ def palette(n: int = 256) -> np.ndarray:
 
 def _label_array(mask: np.ndarray | torch.Tensor) -> np.ndarray:
     """A label map as uint8, refusing ids a palette index cannot hold."""
-    mask = torch.as_tensor(mask).cpu().numpy()
+    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
     if mask.size and (mask.min() < 0 or mask.max() > 255):
         raise ValueError(f"label ids must lie in 0..255, got {mask.min()}..{mask.max()}")
     return mask.astype(np.uint8)
 
 
-def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, alpha: float = 0.5) -> np.ndarray:
+def outline_mask(mask: np.ndarray | torch.Tensor, width: int = 1) -> np.ndarray:
+    """Boolean [H, W]: the pixels within ``width`` pixels (8-neighbourhood) of a border between
+    two labels of which at least one is a class (1..254).
+
+    Borders between background and ignore (255) are not outlined: VOC draws ignore as a band
+    around every object, which the object's own outline already marks. The outline lies on
+    both sides of a border, so a region a pixel wide is outlined whole.
+    """
+    mask = _label_array(mask)
+    is_class = (mask > 0) & (mask != IGNORE_INDEX)
+    rows, columns = mask.shape
+    out = np.zeros(mask.shape, dtype=bool)
+    padded = np.pad(mask, width, mode="edge")
+    padded_class = np.pad(is_class, width, mode="edge")
+    for dy in range(-width, width + 1):
+        for dx in range(-width, width + 1):
+            if dy == dx == 0:
+                continue
+            near = (slice(width + dy, width + dy + rows), slice(width + dx, width + dx + columns))
+            out |= (padded[near] != mask) & (padded_class[near] | is_class)
+    return out
+
+
+def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, alpha: float = 0.5,
+            outline: int = 0) -> np.ndarray:
     """Blend the VOC colours of ``mask`` [H, W] into ``image`` (uint8 [H, W, 3]) -> uint8 [H, W, 3].
 
     ``alpha`` is the weight of the mask colour. Background (black) is blended too, which dims
-    it and makes the objects stand out.
+    it and makes the objects stand out. With ``outline`` > 0, the borders of the class regions
+    (``outline_mask`` of that width) are drawn in white or black, whichever contrasts more with
+    the blended pixel beneath, so that a mask whose colour is the object's own (a red mask on
+    a red apple) still shows where it ends.
     """
     image = np.asarray(image)
     mask = _label_array(mask)
     if image.shape != (*mask.shape, 3):
         raise ValueError(f"image {image.shape} does not match mask {mask.shape}")
     blended = (1 - alpha) * image.astype(np.float32) + alpha * palette()[mask].astype(np.float32)
-    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+    if outline > 0:
+        edges = outline_mask(mask, outline)
+        luminance = out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+        contrast = np.where(luminance[..., None] < 128, 255, 0).astype(np.uint8)
+        out = np.where(edges[..., None], np.broadcast_to(contrast, out.shape), out)
+    return out
 
 
 def save_palette_png(mask: np.ndarray | torch.Tensor, path: str | Path) -> Path:
@@ -216,25 +398,96 @@ def write_image(image: np.ndarray, path: str | Path) -> Path:
     return write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
+QUALITATIVE_TITLES = ("image", "ground truth", "prediction (multi-scale + flip + CRF)")
+
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, width: int) -> list[str]:
+    """``text`` broken at spaces into lines no wider than ``width`` pixels where possible."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and draw.textlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def class_name(label: int, class_names: Sequence[str] | None) -> str:
+    """The name of label id ``label``: 'background' for 0, 'ignore' for 255, else
+    ``class_names[label - 1]`` (the C foreground names), or 'class <id>' without them."""
+    if label == 0:
+        return "background"
+    if label == IGNORE_INDEX:
+        return "ignore"
+    if class_names is not None and label <= len(class_names):
+        return str(class_names[label - 1])
+    return f"class {label}"
+
+
 def write_qualitative(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray, str]],
-                      out_path: str | Path, cell: int = 256) -> Path:
+                      out_path: str | Path, cell: int = 256,
+                      class_names: Sequence[str] | None = None,
+                      titles: Sequence[str] = QUALITATIVE_TITLES, outline: int = 1) -> Path:
     """Write one PNG grid of (image uint8 [H, W, 3], truth [H, W], prediction [H, W], image_id).
 
     One row per sample, columns image / ground truth overlay / prediction overlay, each fitted
-    into a ``cell`` x ``cell`` square keeping its aspect ratio, under a header line naming the
-    columns; the image id is written on the image.
+    into a ``cell`` x ``cell`` square keeping its aspect ratio; a header names the columns
+    (``titles``: by default the prediction column says it is the final one, multi-scale + flip
+    + CRF, which is what the evaluate stage passes), and the image id is written on the image.
+    The overlays are computed at the size shown, masks resized nearest, with class borders
+    outlined (``overlay``'s ``outline``) so they stay visible on objects of their own colour.
+    Under the grid, a legend: a swatch of the colour of every label found in the truths and
+    predictions, with its name (``class_names``: the C foreground names, index 0 = label 1).
     """
-    header, titles = 20, ("image", "ground truth", "prediction")
-    grid = Image.new("RGB", (3 * cell, header + len(samples) * cell), "white")
+    if len(titles) != 3:
+        raise ValueError(f"three column titles are needed, got {len(titles)}")
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = 12
+    title_lines = [_wrap(measure, title, cell - 8) for title in titles]
+    header = 8 + line_height * max(len(lines) for lines in title_lines)
+
+    labels = sorted({int(v) for _, truth, prediction, _ in samples
+                     for v in np.unique(np.concatenate([_label_array(truth).ravel(),
+                                                        _label_array(prediction).ravel()]))})
+    swatch, gap, pad, row_height = 12, 4, 6, 18
+    entries, x, rows = [], pad, 0
+    for label in labels:
+        name = class_name(label, class_names)
+        width = swatch + gap + int(np.ceil(measure.textlength(name))) + 2 * pad
+        if entries and x + width > 3 * cell:
+            x, rows = pad, rows + 1
+        entries.append((label, name, x, rows))
+        x += width
+    legend = (pad + (rows + 1) * row_height + pad) if labels else 0
+
+    top_of_legend = header + len(samples) * cell
+    grid = Image.new("RGB", (3 * cell, top_of_legend + legend), "white")
     draw = ImageDraw.Draw(grid)
-    for column, title in enumerate(titles):
-        draw.text((column * cell + 4, 4), title, fill="black")
+    for column, lines in enumerate(title_lines):
+        for number, line in enumerate(lines):
+            draw.text((column * cell + 4, 4 + number * line_height), line, fill="black")
     for row, (image, truth, prediction, image_id) in enumerate(samples):
-        panels = (np.asarray(image), overlay(image, truth), overlay(image, prediction))
+        image = np.asarray(image, dtype=np.uint8)
+        for mask in (truth, prediction):
+            if tuple(np.shape(mask)) != image.shape[:2] or image.ndim != 3:
+                raise ValueError(f"{image_id}: image {image.shape} does not match mask "
+                                 f"{tuple(np.shape(mask))}")
+        shown = ImageOps.contain(Image.fromarray(image), (cell, cell))
+        size = shown.size
+        picture = np.asarray(shown)
+        masks = [np.asarray(Image.fromarray(_label_array(m)).resize(size, Image.NEAREST))
+                 for m in (truth, prediction)]
+        panels = (picture, *(overlay(picture, m, outline=outline) for m in masks))
         top = header + row * cell
         for column, panel in enumerate(panels):
-            grid.paste(ImageOps.contain(Image.fromarray(panel), (cell, cell)), (column * cell, top))
+            grid.paste(Image.fromarray(panel), (column * cell, top))
         left, upper, right, lower = draw.textbbox((4, top + 4), str(image_id))
         draw.rectangle((left - 2, upper - 2, right + 2, lower + 2), fill="black")
         draw.text((4, top + 4), str(image_id), fill="white")
+    colours = palette()
+    for label, name, x, legend_row in entries:
+        y = top_of_legend + pad + legend_row * row_height
+        draw.rectangle((x, y, x + swatch - 1, y + swatch - 1),
+                       fill=tuple(int(c) for c in colours[label]), outline="grey")
+        draw.text((x + swatch + gap, y), name, fill="black")
     return write_atomically(out_path, lambda tmp: grid.save(tmp, format="PNG"))

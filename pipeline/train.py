@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from contextlib import ExitStack
 from dataclasses import replace
 from itertools import count
 from pathlib import Path
@@ -30,7 +31,7 @@ from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
 
 from . import distributed
-from .common import score
+from .common import Stopped, exclusive, score, stop_requests
 from .features import CachedFeatures
 from .params import Params, params_fingerprint
 
@@ -103,10 +104,22 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
 
     ``on_log(iteration, losses)`` and ``on_eval(iteration, mious)`` are called (on rank 0)
     after each logged iteration and each periodic evaluation. Returns the path of model.pt.
+    SIGTERM or SIGINT stop it at the next iteration (under torchrun: the next logged one, where
+    the ranks agree) with a checkpoint written, raising ``Stopped``.
     """
     t = params.train
     device = distributed.local_device(t.device)
     distributed.init(device)
+    out = Path(t.out)
+    with ExitStack() as stack:
+        if distributed.is_main():
+            stack.enter_context(exclusive(out))
+        stop = stack.enter_context(stop_requests())
+        return _train(params, device, stop, on_log, on_eval)
+
+
+def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
+    t = params.train
     ranks, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     if t.batch_size % ranks:
         raise ValueError(f"train.batch_size: {t.batch_size} images do not split evenly over "
@@ -139,6 +152,8 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
         torch.set_rng_state(state["torch_rng"][rank])
         start = state["iteration"]
     if main:
+        # Rows after the checkpoint are redone; an evaluation's row is written before the
+        # checkpoint of its iteration, so none is lost either.
         for name, columns in (("losses.csv", LOSS_COLUMNS), ("eval.csv", EVAL_COLUMNS)):
             _trim_csv(out / name, columns, keep_below=start + 1)
     if ranks > 1:
@@ -161,40 +176,55 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
     batches = _batches(data, t.batch_size, t.seed, start, t.workers, device.type == "cuda")
     evals = {s: EvalDataset(root, s) for s in (t.split, t.val_split)}
 
+    def save_checkpoint(done: int) -> None:
+        rng = _gather(torch.get_rng_state())
+        if main:
+            state = {"iteration": done, "decoder": decoder.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "torch_rng": rng, "fingerprint": fingerprint}
+            write_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
+
     bar = tqdm(range(start, t.iters), initial=start, total=t.iters, desc="train", unit="it",
                disable=not main)
     for it, batch in zip(bar, batches):
         result = step(batch.to(device), refinement="rfm" if it >= t.rfm_start else "static")
         done = it + 1
-        if done % t.log_every == 0 or done == t.iters:
-            losses = torch.stack([result[k] for k in ("loss", "seg_loss", "aff_loss")])
+        logged = done % t.log_every == 0 or done == t.iters
+        if logged:
+            # The stop request rides along, so that all ranks stop at the same iteration.
+            losses = torch.stack([result[k] for k in ("loss", "seg_loss", "aff_loss")]
+                                 + [result["loss"].new_tensor(float(stop.is_set()))])
             if ranks > 1:
                 losses = _sum_over_ranks(losses)  # the shares add up to the batch's losses
-            row = dict(zip(("loss", "seg_loss", "aff_loss"), losses.tolist()))
+            *values, stopping = losses.tolist()
+            row = dict(zip(("loss", "seg_loss", "aff_loss"), values))
             if main:
                 _append_csv(out / "losses.csv", LOSS_COLUMNS,
                             {"iteration": done, **row, "lr": optimizer.param_groups[0]["lr"]})
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if on_log:
                     on_log(done, row)
-        if done % t.checkpoint_every == 0 or done == t.iters:
-            rng = _gather(torch.get_rng_state())
-            if main:
-                state = {"iteration": done, "decoder": decoder.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "torch_rng": rng, "fingerprint": fingerprint}
-                write_atomically(checkpoint, lambda tmp: torch.save(state, tmp))
-        if (done % t.eval_every == 0 or done == t.iters) and main:
-            val_conf = score(model, evals[t.val_split], device, t.eval_images, pseudo=False)
-            row = {"iteration": done, "val_miou": round(100 * mean_iou(val_conf["prediction"]), 2)}
-            if not supervised:  # a model trained on masks makes no pseudo labels
-                train_conf = score(model, evals[t.split], device, t.eval_images, prediction=False)
-                row["train_pseudo_miou"] = round(100 * mean_iou(train_conf["pseudo"]), 2)
-            _append_csv(out / "eval.csv", EVAL_COLUMNS, row)
-            if on_eval:
-                on_eval(done, row)
+        else:
+            stopping = ranks == 1 and stop.is_set()
         if done % t.eval_every == 0 or done == t.iters:
+            if main:
+                val_conf = score(model, evals[t.val_split], device, t.eval_images, pseudo=False)
+                row = {"iteration": done,
+                       "val_miou": round(100 * mean_iou(val_conf["prediction"]), 2)}
+                if not supervised:  # a model trained on masks makes no pseudo labels
+                    train_conf = score(model, evals[t.split], device, t.eval_images,
+                                       prediction=False)
+                    row["train_pseudo_miou"] = round(100 * mean_iou(train_conf["pseudo"]), 2)
+                _append_csv(out / "eval.csv", EVAL_COLUMNS, row)
+                if on_eval:
+                    on_eval(done, row)
             distributed.barrier()  # the other ranks wait for rank 0's evaluation
+        if stopping or done % t.checkpoint_every == 0 or done == t.iters:
+            save_checkpoint(done)
+        if stopping and done < t.iters:
+            bar.close()
+            raise Stopped(f"{out}: stopped by a signal after iteration {done} of {t.iters}, "
+                          "checkpoint written; run again to resume")
     bar.close()
     model.decoder = decoder
     final = out / "model.pt"

@@ -62,6 +62,16 @@ def test_eval_items_keep_the_whole_image_and_mask(dataset):
     assert item.image.max() == 100 and item.image_id == "2"
 
 
+def test_training_and_evaluation_read_images_with_the_one_loader(tmp_path):
+    # A 16-bit image at mid grey (128 * 257): mid grey in both, not clipped to white.
+    Image.fromarray(np.full((40, 60), 128 * 257, np.uint16)).save(tmp_path / "deep.png")
+    info = ClassInfo("toy", ["cat"], ["cat"], ["grass"])
+    write_dataset(tmp_path, info, [Record("deep", tmp_path / "deep.png", None, "train", [1])])
+    crop = TrainDataset(tmp_path, "train", crop_size=32, scale_range=(1.0, 1.0))[0].image
+    assert (crop == 128).all()
+    assert (EvalDataset(tmp_path, "train")[0].image == 128).all()
+
+
 def _picture(array):
     return Image.fromarray(np.asarray(array, np.uint8))
 

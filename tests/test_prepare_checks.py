@@ -58,7 +58,7 @@ def test_every_problem_is_reported_in_one_error_naming_each_file(tmp_path):
     message = str(error.value)
     for expected in [
         "corrupt.jpg: cannot decode image",
-        "missing.jpg: file not found",
+        "missing.jpg: image file not found",
         "small.png: mask is 8x6 but its image is 4x4",
         "values.png: mask holds values [7] that are neither class ids 0..2 nor the ignore index",
         "rgbmask.png: mask has 3 channels (RGB)",
@@ -97,7 +97,7 @@ def test_skip_bad_writes_the_good_records_and_lists_the_bad_in_skipped_csv(tmp_p
     assert [r.image_id for r in read_manifest(out)] == ["good"]
     with open(out / "skipped.csv", newline="") as f:
         assert list(csv.reader(f)) == [["path", "problem"],
-                                       [str(tmp_path / "gone.jpg"), "file not found"]]
+                                       [str(tmp_path / "gone.jpg"), "image file not found"]]
 
 
 def test_nothing_already_written_is_lost_on_error(tmp_path):

@@ -65,7 +65,7 @@ def test_an_unknown_class_name_is_reported_with_the_image_and_the_csv(tmp_path):
 
 
 def test_a_missing_image_is_reported(tmp_path):
-    with pytest.raises(BadInputError, match=r"gone\.jpg: file not found"):
+    with pytest.raises(BadInputError, match=r"gone\.jpg: image file not found"):
         prepare_folder(tmp_path / "out", **user_folder(tmp_path, ROWS + ["gone.jpg,cat"]))
 
 

@@ -9,8 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.report import (iou_table, overlay, palette, save_palette_png, write_confusion,
-                             write_metrics, write_per_class_iou, write_qualitative, write_tables)
+from pipeline.report import (QUALITATIVE_TITLES, iou_table, outline_mask, overlay, palette,
+                             save_palette_png, split_metrics, write_charts, write_confusion,
+                             write_metrics, write_per_class_iou, write_qualitative, write_tables,
+                             write_variant_iou)
 
 CLASSES = ["cat", "dog", "car"]
 # Rows = truth, columns = prediction. IoU: background 1/3, cat 2/3, dog 0, car absent (NaN).
@@ -120,4 +122,117 @@ def test_qualitative_grid_has_a_row_per_sample(tmp_path):
                 np.ones((h, w), int), f"img{h}") for h, w in [(30, 40), (50, 20)]]
     path = write_qualitative(samples, tmp_path / "qualitative.png", cell=64)
     with Image.open(path) as im:
-        assert im.size == (3 * 64, 20 + 2 * 64)
+        assert im.width == 3 * 64
+        assert im.height > 2 * 64  # a header above the rows, a legend below
+
+
+def test_metrics_split_keeps_the_headline_and_moves_diagnostics_out():
+    results = {"attention": {"foreground": {"block 1": 30.0}}, "ablation": {"initial CAM": 70.0},
+               "train": {"pseudo_miou": 75.0}, "val": {"miou": 80.0, "miou_no_crf": 78.0}}
+    headline, diagnostics = split_metrics(results)
+    assert list(headline) == ["val", "train", "ablation"]
+    assert diagnostics == {"attention": {"foreground": {"block 1": 30.0}}}
+
+
+def test_metrics_json_puts_val_first_for_dvc_exp_show(tmp_path):
+    metrics = {"ablation": {"static CAM": 1.0, "initial CAM": 2.0}, "zeta": {"a": 1},
+               "train": {"pseudo_miou": 3.0}, "val": {"miou_no_crf": 4.0, "miou": 5.0}}
+    loaded = json.loads(write_metrics(metrics, tmp_path / "metrics.json").read_text())
+    assert list(loaded) == ["val", "train", "ablation", "zeta"]  # DVC's column order
+    assert list(loaded["ablation"]) == ["static CAM", "initial CAM"]  # as given
+
+
+def test_variant_iou_has_one_row_per_class_of_that_variant(table, tmp_path):
+    rows = pd.read_csv(write_variant_iou(table, "prediction", tmp_path / "final.csv"))
+    assert list(rows.columns) == ["class", "iou"]
+    assert rows["class"].tolist() == ["background", "cat", "dog"]  # car is NaN, no mIoU row
+    assert rows["iou"].tolist() == [33.3, 66.7, 0.0]
+    with pytest.raises(ValueError, match="no column"):
+        write_variant_iou(table, "+ flip", tmp_path / "other.csv")
+
+
+def test_charts_are_written_with_or_without_training_curves(table, tmp_path):
+    train = tmp_path / "train"
+    train.mkdir()
+    (train / "losses.csv").write_text("iteration,loss,seg_loss,aff_loss,lr\n1,2.0,1.5,0.5,0.1\n"
+                                      "2,1.0,0.8,0.2,0.1\n")
+    # no eval.csv: its chart says so instead of failing the stage
+    paths = write_charts(table, "+ CRF", train, tmp_path / "reports")
+    assert [p.name for p in paths] == ["losses.png", "periodic_evaluation.png",
+                                       "per_class_iou.png"]
+    for path in paths:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width > 100
+
+
+def test_outline_marks_both_sides_of_class_borders_only():
+    mask = np.zeros((8, 8), int)
+    mask[2:6, 2:6] = 1
+    mask[0, :] = 255  # an ignore band on background: no outline
+    edges = outline_mask(mask)
+    assert edges[2, 2] and edges[1, 3] and edges[5, 5] and edges[6, 4]  # on the square's border
+    assert not edges[3, 3] and not edges[4, 4]  # inside
+    assert not edges[0, 6] and not edges[7, 7]  # background and ignore away from the square
+
+
+def test_overlay_outlines_a_mask_on_an_object_of_its_own_colour():
+    image = np.zeros((10, 10, 3), dtype=np.uint8)
+    image[2:8, 2:8] = (128, 0, 0)  # a red object, class 1's colour
+    mask = np.zeros((10, 10), int)
+    mask[2:8, 2:8] = 1
+    plain, outlined = overlay(image, mask), overlay(image, mask, outline=1)
+    assert plain[2, 4].tolist() == plain[4, 4].tolist()  # the fill alone hides the border
+    assert outlined[2, 4].tolist() == [255, 255, 255]  # dark fill: a white border
+    assert outlined[1, 4].tolist() == [255, 255, 255]  # on both sides
+    assert outlined[4, 4].tolist() == plain[4, 4].tolist()  # the inside keeps its fill
+    assert outlined[0, 0].tolist() == plain[0, 0].tolist()  # far background untouched
+    light = overlay(np.full((10, 10, 3), 255, dtype=np.uint8), mask, outline=1)
+    assert light[2, 4].tolist() == [0, 0, 0]  # light fill: a black border
+
+
+def _grid_with_an_apple(tmp_path, cell=128):
+    """A one-row grid of a red apple (class 1) on grey, shown at twice its size; returns the
+    grid as RGB and the row where the panels start (below the header)."""
+    image = np.full((64, 64, 3), 90, dtype=np.uint8)
+    image[16:48, 16:48] = (200, 20, 20)
+    truth = np.zeros((64, 64), int)
+    truth[16:48, 16:48] = 1
+    prediction = np.zeros((64, 64), int)
+    prediction[20:44, 20:44] = 1
+    prediction[50:60, 4:14] = 3
+    path = write_qualitative([(image, truth, prediction, "apple")], tmp_path / "q.png", cell=cell,
+                             class_names=["apple", "lemon", "starfish"])
+    with Image.open(path) as im:
+        grid = np.asarray(im.convert("RGB"))
+    top = next(y for y in range(grid.shape[0]) if (grid[y, :cell] != 255).any(-1).all())
+    return grid, top
+
+
+def test_qualitative_grid_has_a_legend_of_the_classes_shown(tmp_path):
+    grid, top = _grid_with_an_apple(tmp_path)
+    legend = grid[top + 128:]
+    assert legend.shape[0] > 10
+    colours = palette()
+    for label in (0, 1, 3):  # background, apple, starfish: in the truth or the prediction
+        assert (legend == colours[label]).all(-1).sum() > 50, f"no swatch of label {label}"
+    assert not (legend == colours[2]).all(-1).any()  # lemon is in neither
+
+
+def test_qualitative_grid_outlines_the_regions(tmp_path):
+    grid, top = _grid_with_an_apple(tmp_path)
+    for column, edge in ((1, 32), (2, 40)):  # truth from pixel 16, prediction from 20 (x2)
+        panel = grid[top:top + 128, column * 128:(column + 1) * 128]
+        white = (panel == 255).all(-1)
+        assert white[edge, 64] and white[edge - 1, 64]  # the apple's border, both sides
+        assert not white[64, 64] and not white[10, 100]  # inside the apple, the background
+
+
+def test_qualitative_titles_name_the_final_prediction():
+    assert QUALITATIVE_TITLES == ("image", "ground truth", "prediction (multi-scale + flip + CRF)")
+
+
+def test_qualitative_grid_refuses_a_mask_of_another_size(tmp_path):
+    image = np.zeros((10, 12, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="does not match"):
+        write_qualitative([(image, np.zeros((10, 12), int), np.zeros((12, 10), int), "x")],
+                          tmp_path / "q.png", cell=32)

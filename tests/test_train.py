@@ -39,11 +39,12 @@ def toy_params(toy_dataset, tiny_arch, tiny_clip_weights, out, **train):
                  "model.arch": tiny_arch, "model.weights": str(tiny_clip_weights),
                  "model.decoder_dim": 32, "model.par_iters": 2, "train.out": str(out),
                  "train.split": "train",
-                 "train.iters": 6, "train.rfm_start": 3, "train.batch_size": 2,
+                 "train.iters": 6, "train.batch_size": 2,
                  "train.crop_size": 64, "train.workers": 0, "train.log_every": 1,
                  "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_images": 2,
                  "train.warmup_iters": 2}
     overrides.update({f"train.{k}": v for k, v in train.items()})
+    overrides.setdefault("train.rfm_start", overrides["train.iters"] // 2)
     return load_params(None, overrides)
 
 

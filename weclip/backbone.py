@@ -94,7 +94,18 @@ def create_clip(arch: str, weights: str | None = None) -> nn.Module:
             torch.manual_seed(0)
             return open_clip.create_model(arch)
     if Path(weights).suffix or Path(weights).exists():
-        model = open_clip.create_model(arch)
+        import logging
+
+        # open_clip warns through the root logger that the model is initialized randomly,
+        # true only until the file's weights are loaded below.
+        def not_random_init(record):
+            return not record.getMessage().startswith("No pretrained weights loaded")
+
+        logging.getLogger().addFilter(not_random_init)
+        try:
+            model = open_clip.create_model(arch)
+        finally:
+            logging.getLogger().removeFilter(not_random_init)
         state_dict = load_state_dict(weights)
         try:
             model.load_state_dict(state_dict)

@@ -22,12 +22,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from .backbone import BackboneFeatures
 from .files import write_atomically
 
 MANIFEST_COLUMNS = ("image_id", "image", "mask", "split", "labels")
+
+# The default largest image prepare accepts (data.max_pixels), about 7071 x 7071, already
+# 600 MB as load_image's float tensor. Below Pillow's own decompression-bomb warning (89M
+# pixels), so that this clearer refusal comes first.
+MAX_PIXELS = 50_000_000
 
 
 @dataclass
@@ -116,21 +121,92 @@ def read_manifest(root: str | Path, split: str | None = None) -> list[Record]:
     return records
 
 
-def _open_rgb(path: str | Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+class BadFileError(ValueError):
+    """An image or mask that cannot be used: the message is "<path>: <problem>"."""
+
+    def __init__(self, path: str | Path, problem: str):
+        super().__init__(f"{path}: {problem}")
+        self.path, self.problem = str(path), problem
 
 
-def load_image(path: str | Path) -> torch.Tensor:
-    """An RGB image as float [3, H, W] on the 0-255 scale."""
-    array = np.asarray(_open_rgb(path), dtype=np.float32)
+def _open_upright(path: str | Path, kind: str, max_pixels: int | None = None) -> Image.Image:
+    """The decoded image or mask (``kind``, for the messages) in its own mode, turned upright
+    by its EXIF orientation. Images over ``max_pixels`` are refused before decoding."""
+    try:
+        with Image.open(path) as im:
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise BadFileError(path, f"{kind} is {im.width}x{im.height} = "
+                                         f"{im.width * im.height} pixels, over data.max_pixels = "
+                                         f"{max_pixels}; shrink it or raise data.max_pixels")
+            return ImageOps.exif_transpose(im)  # a decoded copy: the file can close
+    except BadFileError:
+        raise
+    except FileNotFoundError:
+        raise BadFileError(path, f"{kind} file not found") from None
+    except Exception as e:  # Pillow raises many types for broken files
+        raise BadFileError(path, f"cannot decode {kind} ({type(e).__name__}: {e})") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """An image of any Pillow mode -> 8-bit RGB, alpha dropped.
+
+    Pillow converts palette, grey, alpha, CMYK, YCbCr and LAB images, but clips 16-bit, 32-bit
+    and float ones to 0..255, so that most of them turn white; those are scaled first.
+    16-bit by its type's range (/257: 65535 -> 255): as image viewers show a 16-bit PNG, and
+    one scale for all images keeps their brightness comparable. 32-bit integer and float by
+    the image's own range (min -> 0, max -> 255), as ImageJ shows them: no real image spans
+    the 32-bit range, and floats have none.
+    """
+    if image.mode.startswith("I;16"):
+        image = Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8))
+    elif image.mode in ("I", "F"):
+        image = Image.fromarray(_stretch(np.asarray(image, np.float64)))
+    return image.convert("RGB")
+
+
+def _stretch(values: np.ndarray) -> np.ndarray:
+    """float [H, W] -> uint8 [H, W], the finite values' min..max onto 0..255. NaN and inf
+    (missing values in a float image) count as the minimum; a constant image becomes 0."""
+    finite = np.isfinite(values)
+    if not finite.any():
+        return np.zeros(values.shape, np.uint8)
+    low, high = values[finite].min(), values[finite].max()
+    scale = 255 / (high - low) if high > low else 0.0
+    return ((np.where(finite, values, low) - low) * scale).round().astype(np.uint8)
+
+
+def _open_rgb(path: str | Path, max_pixels: int | None = None) -> Image.Image:
+    """The image file as an upright 8-bit RGB PIL image; see load_image."""
+    return _to_rgb(_open_upright(path, "image", max_pixels))
+
+
+def load_image(path: str | Path, max_pixels: int | None = None) -> torch.Tensor:
+    """An image file, any mode Pillow reads, as float [3, H, W] on the 0-255 scale, upright
+    (its EXIF orientation applied; H, W are the upright size). The one loader of prepare's
+    checks, training, inference and predict.
+
+    Raises BadFileError (a ValueError, "<path>: <problem>") for a missing or undecodable file,
+    and for one over ``max_pixels`` pixels (prepare passes data.max_pixels; later stages read
+    what prepare accepted, and predict leaves the limit to Pillow's decompression-bomb check).
+    """
+    array = np.asarray(_open_rgb(path, max_pixels), dtype=np.float32)
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def load_mask(path: str | Path) -> torch.Tensor:
-    """A label mask as long [H, W]."""
-    with Image.open(path) as im:
-        return torch.from_numpy(np.asarray(im, dtype=np.int64).copy())
+    """A single-channel label mask as long [H, W], turned upright by its own EXIF orientation.
+
+    Annotation tools save masks upright (as the photo is shown) and without EXIF, so this is
+    usually nothing; a mask that kept its photo's EXIF is turned as the photo is. The image's
+    orientation is never applied to its mask. Raises BadFileError like load_image, and for a
+    mask of several channels.
+    """
+    mask = _open_upright(path, "mask")
+    bands = mask.getbands()
+    if len(bands) != 1:
+        raise BadFileError(path, f"mask has {len(bands)} channels ({''.join(bands)}); expected "
+                                 "a single-channel PNG of class ids")
+    return torch.from_numpy(np.asarray(mask, dtype=np.int64).copy())
 
 
 def multi_hot(labels: list[int], num_foreground: int) -> torch.Tensor:
@@ -258,9 +334,9 @@ class TrainDataset(torch.utils.data.Dataset):
         if not self.with_masks:
             return Sample(random_rescale_flip_crop(image, self.scale_range, self.crop_size, rng),
                           labels, index)
-        with Image.open(record.mask) as mask:
-            image, mask = random_rescale_flip_crop(image, self.scale_range, self.crop_size, rng,
-                                                   mask, self.info.ignore_index)
+        image, mask = random_rescale_flip_crop(image, self.scale_range, self.crop_size, rng,
+                                               _open_upright(record.mask, "mask"),
+                                               self.info.ignore_index)
         return Sample(image, labels, index, mask)
 
 

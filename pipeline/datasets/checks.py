@@ -1,10 +1,12 @@
 """The one place that validates a prepared dataset, before its manifest is written.
 
-Every image and mask is opened once, in parallel. An image must exist, decode and convert to
-RGB; a mask must exist, decode, have one channel, the image's size and only class ids or the
-ignore index; labels must be known class ids or names, and not empty (except in the splits
-that carry no labels). All problems are collected first; then either one BadInputError lists
-them all, or (``skip_bad``) the bad records are left out and listed in ``skipped.csv``.
+Every image and mask is read once, in parallel, by the loaders that training and inference
+use (weclip.dataset.load_image and load_mask). An image must exist, decode and have at most
+``max_pixels`` pixels; a mask must exist, decode, have one channel, the image's size (both
+upright, after their EXIF orientation) and only class ids or the ignore index; labels must
+be known class ids or names, and not empty (except in the splits that carry no labels). All
+problems are collected first; then either one BadInputError lists them all, or (``skip_bad``)
+the bad records are left out and listed in ``skipped.csv``.
 """
 from __future__ import annotations
 
@@ -16,11 +18,10 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from weclip.dataset import ClassInfo, Record, write_dataset
+from weclip.dataset import (MAX_PIXELS, BadFileError, ClassInfo, Record, load_image, load_mask,
+                            write_dataset)
 
 log = logging.getLogger(__name__)
 
@@ -52,17 +53,18 @@ def check_classes(info: ClassInfo) -> None:
 
 
 def check_records(records: list[Record], info: ClassInfo, *, labels_from_masks: bool = False,
-                  labels_source: str | None = None,
-                  workers: int = 2) -> tuple[list[Record], list[Problem]]:
+                  labels_source: str | None = None, workers: int = 2,
+                  max_pixels: int = MAX_PIXELS) -> tuple[list[Record], list[Problem]]:
     """Check every record once -> (good records, problems of the bad ones).
 
     A record's ``labels`` may hold class ids (1..C) or class names (as a user's CSV gives them),
     which are resolved to ids here. With ``labels_from_masks`` the labels are instead the
     classes present in the mask. ``labels_source`` names where the labels came from, for the
-    messages. Good records are returned with their labels as sorted class ids.
+    messages. Images over ``max_pixels`` pixels are a problem. Good records are returned with
+    their labels as sorted class ids.
     """
     check = partial(_check_record, info=info, labels_from_masks=labels_from_masks,
-                    labels_source=labels_source)
+                    labels_source=labels_source, max_pixels=max_pixels)
     # Threads suffice: Pillow decodes and numpy scans with the GIL released.
     with ThreadPoolExecutor(max_workers=workers) as pool:
         results = list(tqdm(pool.map(check, records), total=len(records), desc="check",
@@ -84,7 +86,8 @@ def check_records(records: list[Record], info: ClassInfo, *, labels_from_masks: 
 
 def write_checked_dataset(out_dir: str | Path, info: ClassInfo, records: list[Record], *,
                           skip_bad: bool = False, labels_from_masks: bool = False,
-                          labels_source: str | None = None, workers: int = 2) -> Path:
+                          labels_source: str | None = None, workers: int = 2,
+                          max_pixels: int = MAX_PIXELS) -> Path:
     """Check ``records`` (see check_records), then write the dataset into ``out_dir``.
 
     Problems raise one BadInputError listing all of them, and nothing is written. With
@@ -94,7 +97,8 @@ def write_checked_dataset(out_dir: str | Path, info: ClassInfo, records: list[Re
     out_dir = Path(out_dir)
     check_classes(info)
     good, problems = check_records(records, info, labels_from_masks=labels_from_masks,
-                                   labels_source=labels_source, workers=workers)
+                                   labels_source=labels_source, workers=workers,
+                                   max_pixels=max_pixels)
     if problems and not skip_bad:
         raise BadInputError(_report(problems) + "\nFix these files, or set skip_bad to leave "
                             "them out (they are then listed in skipped.csv).")
@@ -125,10 +129,10 @@ def _write_skipped(path: Path, problems: list[Problem]) -> None:
 
 
 def _check_record(record: Record, info: ClassInfo, labels_from_masks: bool,
-                  labels_source: str | None) -> tuple[Record, list[Problem]]:
+                  labels_source: str | None, max_pixels: int) -> tuple[Record, list[Problem]]:
     problems: list[Problem] = []
-    size = _check_image(record.image, problems)
-    mask_labels = _check_mask(record.mask, size, info, problems) if record.mask else []
+    shape = _check_image(record.image, max_pixels, problems)
+    mask_labels = _check_mask(record.mask, shape, info, problems) if record.mask else []
     if labels_from_masks:
         labels = mask_labels
     else:
@@ -139,48 +143,34 @@ def _check_record(record: Record, info: ClassInfo, labels_from_masks: bool,
     return replace(record, labels=labels), problems
 
 
-def _check_image(path: Path, problems: list[Problem]) -> tuple[int, int] | None:
-    """The image's (width, height), or None after noting why it is unusable."""
-    if not Path(path).is_file():
-        problems.append((str(path), "file not found"))
-        return None
+def _check_image(path: Path, max_pixels: int, problems: list[Problem]) -> tuple[int, int] | None:
+    """The upright image's (height, width), or None after noting why it is unusable."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB").size
-    except Exception as e:  # Pillow raises many types for broken files
-        problems.append((str(path), f"cannot decode image ({type(e).__name__}: {e})"))
+        return tuple(load_image(path, max_pixels).shape[1:])
+    except BadFileError as e:
+        problems.append((e.path, e.problem))
         return None
 
 
-def _check_mask(path: Path, image_size: tuple[int, int] | None, info: ClassInfo,
+def _check_mask(path: Path, image_shape: tuple[int, int] | None, info: ClassInfo,
                 problems: list[Problem]) -> list[int]:
     """The foreground class ids present in the mask, or [] after noting why it is unusable."""
-    if not Path(path).is_file():
-        problems.append((str(path), "mask file not found"))
-        return []
     try:
-        with Image.open(path) as im:
-            im.load()
-            bands, size = im.getbands(), im.size
-            values = np.unique(np.asarray(im)) if len(bands) == 1 else None
-    except Exception as e:  # Pillow raises many types for broken files
-        problems.append((str(path), f"cannot decode mask ({type(e).__name__}: {e})"))
+        mask = load_mask(path)
+    except BadFileError as e:
+        problems.append((e.path, e.problem))
         return []
-    if values is None:
-        problems.append((str(path), f"mask has {len(bands)} channels ({''.join(bands)}); "
-                                    "expected a single-channel PNG of class ids"))
-        return []
-    if image_size is not None and size != image_size:
-        problems.append((str(path), f"mask is {size[0]}x{size[1]} but its image is "
-                                    f"{image_size[0]}x{image_size[1]}"))
+    if image_shape is not None and mask.shape != image_shape:
+        (h, w), (image_h, image_w) = mask.shape, image_shape
+        problems.append((str(path), f"mask is {w}x{h} but its image is {image_w}x{image_h}"))
     foreground = len(info.classes)
-    unknown = [int(v) for v in values if v > foreground and v != info.ignore_index]
+    values = mask.unique().tolist()
+    unknown = [v for v in values if v > foreground and v != info.ignore_index]
     if unknown:
         problems.append((str(path), f"mask holds values {unknown} that are neither class ids "
                                     f"0..{foreground} nor the ignore index {info.ignore_index}"))
         return []
-    return [int(v) for v in values if 0 < v <= foreground]
+    return [v for v in values if 0 < v <= foreground]
 
 
 def _resolve_labels(record: Record, info: ClassInfo, labels_source: str | None,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from weclip.dataset import ClassInfo, Record
+from weclip.dataset import MAX_PIXELS, ClassInfo, Record
 
 from .checks import write_checked_dataset
 from .download import download_and_extract
@@ -77,14 +77,15 @@ def coco_class_info() -> ClassInfo:
 
 def prepare_coco(out_dir: str | Path, *, root: str | Path | None = None,
                  download_dir: str | Path | None = None, splits: tuple[str, ...] = SPLITS,
-                 skip_bad: bool = False, workers: int = 2, urls: dict[str, str] | None = None,
+                 skip_bad: bool = False, workers: int = 2, max_pixels: int = MAX_PIXELS,
+                 urls: dict[str, str] | None = None,
                  checksums: dict[str, str] | None = None) -> Path:
     """Prepare COCO 2014 into ``out_dir`` (classes.json, manifest.csv, skipped.csv).
 
     Give exactly one of ``root`` (either layout of the module docstring) or ``download_dir``
     (the archives the splits need are downloaded and extracted there; ``urls`` and
-    ``checksums`` override ARCHIVES entries by file name). ``skip_bad``: see
-    checks.write_checked_dataset. Returns ``out_dir``.
+    ``checksums`` override ARCHIVES entries by file name). ``skip_bad``,
+    ``max_pixels``: see checks.write_checked_dataset. Returns ``out_dir``.
     """
     if (root is None) == (download_dir is None):
         raise ValueError("prepare_coco: give exactly one of root (original or VOC-style COCO "
@@ -100,7 +101,8 @@ def prepare_coco(out_dir: str | Path, *, root: str | Path | None = None,
     for split in splits:
         records += list_voc_style(root, split) if voc_style else render_split(root, split)
     return write_checked_dataset(out_dir, coco_class_info(), records, skip_bad=skip_bad,
-                                 labels_from_masks=voc_style, workers=workers)
+                                 labels_from_masks=voc_style, workers=workers,
+                                 max_pixels=max_pixels)
 
 
 def fetch_coco(download_dir: str | Path, splits: tuple[str, ...] = SPLITS, *,

@@ -3,7 +3,8 @@
 Inputs:
 
 * ``images``: a folder of images (sub-folders allowed).
-* ``labels_csv``: a CSV file with a header row and the columns
+* ``labels_csv``: a UTF-8 CSV file (a byte-order mark, as Excel's "CSV UTF-8" writes, is
+  fine) with a header row and the columns
       image    the image's path relative to ``images``, e.g. ``cats/001.jpg``
       labels   its class names separated by ';', e.g. ``cat;dog`` (spaces around names ignored)
       split    optional: the image's split, e.g. ``train`` or ``val``
@@ -18,19 +19,22 @@ Inputs:
   channel (0 background, c = c-th class, 255 ignored); an image without a mask file has none.
 * ``val_fraction`` and ``seed``: without a split column, this fraction of the images (drawn
   with ``seed``) becomes 'val' and the rest 'train' (default: all 'train').
+* ``max_pixels``: larger images are refused (data.max_pixels).
 
 Image ids are the image paths without extension, '/' replaced by '__'.
 """
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 import json
 import random
 from pathlib import Path
 
 import yaml
 
-from weclip.dataset import ClassInfo, Record
+from weclip.dataset import MAX_PIXELS, ClassInfo, Record
 
 from .checks import write_checked_dataset
 from .voc import VOC_BACKGROUND
@@ -41,7 +45,8 @@ LABEL_SEPARATOR = ";"
 def prepare_folder(out_dir: str | Path, *, images: str | Path, labels_csv: str | Path,
                    classes: str | Path, background: list[str] | None = None,
                    masks: str | Path | None = None, val_fraction: float = 0.0, seed: int = 0,
-                   name: str = "folder", skip_bad: bool = False, workers: int = 2) -> Path:
+                   name: str = "folder", skip_bad: bool = False, workers: int = 2,
+                   max_pixels: int = MAX_PIXELS) -> Path:
     """Prepare a user's folder (see the module docstring) into ``out_dir`` (classes.json,
     manifest.csv, skipped.csv) and return ``out_dir``. ``skip_bad``: see
     checks.write_checked_dataset."""
@@ -56,7 +61,8 @@ def prepare_folder(out_dir: str | Path, *, images: str | Path, labels_csv: str |
     if not has_split:
         _assign_splits(records, val_fraction, seed)
     return write_checked_dataset(out_dir, info, records, skip_bad=skip_bad,
-                                 labels_source=str(labels_csv), workers=workers)
+                                 labels_source=str(labels_csv), workers=workers,
+                                 max_pixels=max_pixels)
 
 
 def read_class_list(path: Path) -> tuple[list[str], list[str]]:
@@ -100,26 +106,32 @@ def read_labels_csv(path: Path, images: Path,
     An empty split cell, or no split column, means 'train'.
     """
     try:
-        f = open(path, newline="")
+        # Excel's "CSV UTF-8" begins with a byte-order mark: not part of the first column's name.
+        data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: labels CSV not found") from None
-    with f:
-        reader = csv.DictReader(f)
-        missing = {"image", "labels"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected a header "
-                             "row with image, labels and optionally split")
-        records = []
-        for line, row in enumerate(reader, start=2):
-            relative = (row["image"] or "").strip()
-            if not relative:
-                raise ValueError(f"{path}:{line}: empty image path")
-            stem = Path(relative).with_suffix("")
-            mask = masks / stem.with_suffix(".png") if masks else None
-            labels = [n.strip() for n in (row["labels"] or "").split(LABEL_SEPARATOR) if n.strip()]
-            split = (row.get("split") or "").strip() or "train"
-            records.append(Record(stem.as_posix().replace("/", "__"), images / relative,
-                                  mask if mask and mask.exists() else None, split, labels))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 (byte 0x{data[e.start]:02x}: {e.reason}); "
+                         "save the file as UTF-8") from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    missing = {"image", "labels"} - set(reader.fieldnames or ())
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {sorted(missing)}; expected a header "
+                         "row with image, labels and optionally split")
+    records = []
+    for line, row in enumerate(reader, start=2):
+        relative = (row["image"] or "").strip()
+        if not relative:
+            raise ValueError(f"{path}:{line}: empty image path")
+        stem = Path(relative).with_suffix("")
+        mask = masks / stem.with_suffix(".png") if masks else None
+        labels = [n.strip() for n in (row["labels"] or "").split(LABEL_SEPARATOR) if n.strip()]
+        split = (row.get("split") or "").strip() or "train"
+        records.append(Record(stem.as_posix().replace("/", "__"), images / relative,
+                              mask if mask and mask.exists() else None, split, labels))
     return records, "split" in reader.fieldnames
 
 

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from weclip.dataset import ClassInfo, Record
+from weclip.dataset import MAX_PIXELS, ClassInfo, Record
 
 from .checks import write_checked_dataset
 from .download import download_and_extract
@@ -71,14 +71,15 @@ def voc_class_info() -> ClassInfo:
 
 def prepare_voc(out_dir: str | Path, *, root: str | Path | None = None,
                 download_dir: str | Path | None = None, splits: tuple[str, ...] = SPLITS,
-                skip_bad: bool = False, workers: int = 2, urls: dict[str, str] | None = None,
+                skip_bad: bool = False, workers: int = 2, max_pixels: int = MAX_PIXELS,
+                urls: dict[str, str] | None = None,
                 checksums: dict[str, str] | None = None) -> Path:
     """Prepare VOC 2012 (+ SBD) into ``out_dir`` (classes.json, manifest.csv, skipped.csv).
 
     Give exactly one of ``root`` (a ``VOCdevkit/VOC2012`` with SegmentationClassAug) or
     ``download_dir`` (where the archives are downloaded and extracted, see fetch_voc; ``urls``
     and ``checksums`` override ARCHIVES entries by file name, e.g. for a mirror). 'test' is
-    left out when the devkit has no test list. ``skip_bad``: see checks.write_checked_dataset.
+    left out when the devkit has no test list. ``skip_bad``, ``max_pixels``: see checks.write_checked_dataset.
     Returns ``out_dir``.
     """
     if (root is None) == (download_dir is None):
@@ -88,7 +89,8 @@ def prepare_voc(out_dir: str | Path, *, root: str | Path | None = None,
         root = fetch_voc(download_dir, urls=urls, checksums=checksums)
     records = list_voc(Path(root), splits)
     return write_checked_dataset(out_dir, voc_class_info(), records, skip_bad=skip_bad,
-                                 labels_from_masks=True, workers=workers)
+                                 labels_from_masks=True, workers=workers,
+                                 max_pixels=max_pixels)
 
 
 def fetch_voc(download_dir: str | Path, *, urls: dict[str, str] | None = None,
