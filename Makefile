@@ -1,10 +1,10 @@
-# Two entry points: `make repro` runs the pipeline, `make test` runs the tests.
-# Both create the virtual environment .venv on first use.
+# Entry points: `make repro` runs the pipeline, `make ui` serves the Prefect UI on its runs,
+# `make test` runs the tests. Each creates the virtual environment .venv on first use.
 VENV := .venv
 PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: repro test bench install
+.PHONY: repro ui test bench install
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -14,9 +14,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 install: $(VENV)/.installed
 
-# The whole pipeline (dvc.yaml) on the parameters of params.yaml.
+# The whole pipeline (dvc.yaml) on the parameters of params.yaml, all its stages reporting to
+# one Prefect server (started for it and stopped after, unless PREFECT_API_URL is set or
+# `make ui` is serving), so the UI shows the runs while they go.
 repro: $(VENV)/.installed
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pipeline.prefect_env serve -- dvc repro
+
+# The Prefect UI on .prefect/ (every run of this folder), at http://127.0.0.1:4200.
+ui: $(VENV)/.installed
+	$(PY) -m pipeline.prefect_env ui
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest

@@ -1,20 +1,53 @@
 """Each stage as a Prefect flow, so that every run shows in the Prefect UI with its logs.
 
-The flows only wrap the stage functions of the stage modules, adding what Prefect shows
-(progress and table artifacts, log lines). Import this only after
+The flows only wrap the stage functions of the stage modules, adding what Prefect shows:
+a run name saying what ran, progress and table artifacts, and log lines with the figures a
+stage produced (loss, mIoU, counts, timings, output paths). A stage that has nothing to do ends
+in a Completed state whose message says so. Import this only after
 ``pipeline.prefect_env.configure()``: Prefect reads its settings at import.
 """
 from __future__ import annotations
 
+import csv
+import dataclasses
+import os
+import time
+from datetime import timedelta
 from pathlib import Path
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.states import Completed
 
-from .params import Params
+from .params import Params, params_fingerprint
 
 
-@flow(name="prepare", log_prints=True)
+def _run_name() -> str:
+    """'<stage> · <dataset> · <DVC experiment, or a digest of all parameters>': the runs of
+    one `dvc repro` or `dvc exp run` share the part after the stage."""
+    params = runtime.flow_run.parameters["params"]
+    groups = tuple(f.name for f in dataclasses.fields(params))
+    which = os.environ.get("DVC_EXP_NAME") or params_fingerprint(params, groups)[:8]
+    return f"{runtime.flow_run.flow_name} · {params.data.dataset} · {which}"
+
+
+def _stage(name: str):
+    """The flow of the stage ``name`` (the command's name, as in its tag `stage:<name>`)."""
+    return flow(name=name, flow_run_name=_run_name, log_prints=True)
+
+
+def _skipped(out: Path) -> Completed | None:
+    """When a stage has left only its SKIPPED note in ``out``: a Completed state with the
+    note as its message (the UI shows it beside the state), else None."""
+    note = out / "SKIPPED"
+    if not note.exists():
+        return None
+    message = f"nothing done: {note.read_text().strip()}"
+    get_run_logger().info(message)
+    return Completed(message=message, data=str(out))  # data: what the command prints
+
+
+@_stage("prepare")
 def prepare_flow(params: Params) -> str:
     from .prepare import prepare
 
@@ -23,58 +56,108 @@ def prepare_flow(params: Params) -> str:
     return str(out)
 
 
-@flow(name="cache", log_prints=True)
-def cache_flow(params: Params) -> str:
+@_stage("cache")
+def cache_flow(params: Params):
     from .cache import cache
 
-    return str(cache(params))
+    out = cache(params)
+    if skipped := _skipped(out):
+        return skipped
+    get_run_logger().info("features of split %s cached at %s", params.train.split, out)
+    return str(out)
 
 
-def _train_with_artifacts(run, params: Params, stage: str) -> Path | None:
-    progress = create_progress_artifact(progress=0.0, key=f"{stage}-progress",
-                                        description="iterations done, percent")
-    rows = []
+def _read_table(path: Path) -> list[dict]:
+    """The rows of a CSV of numbers, an empty cell as None."""
+    def number(cell: str) -> int | float | None:
+        return int(cell) if cell.isdigit() else float(cell) if cell else None
 
-    def on_log(iteration, row):
-        update_progress_artifact(artifact_id=progress, progress=100 * iteration / params.train.iters)
+    with open(path, newline="") as f:
+        return [{k: number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
-    def on_eval(iteration, row):
-        rows.append(row)
-        get_run_logger().info("iteration %d: %s", iteration, row)
 
-    model = run(params, on_log=on_log, on_eval=on_eval)
-    if rows:
-        create_table_artifact(key=f"{stage}-evaluation", table=rows,
+class _TrainReport:
+    """The train loop's callbacks: a log line and the progress artifact at every logged
+    iteration, a log line and the evaluation table at every evaluation."""
+
+    def __init__(self, params: Params, stage: str, out: Path):
+        self.iters, self.stage, self.out = params.train.iters, stage, out
+        self.logger = get_run_logger()
+        self.progress = None  # created at the first logged iteration: a skipped stage has none
+        self.last = None  # (time, iteration) of the previous logged iteration
+
+    def on_log(self, iteration: int, losses: dict) -> None:
+        # The row has no learning rate; losses.csv, appended just before, has it.
+        lr = float(_read_table(self.out / "losses.csv")[-1]["lr"])
+        line = (f"iteration {iteration}/{self.iters}: loss {losses['loss']:.4f} "
+                f"(seg {losses['seg_loss']:.4f}, aff {losses['aff_loss']:.4f}), lr {lr:.3g}")
+        now = time.monotonic()
+        if self.last:  # the speed is measured between logged iterations, so not at the first
+            speed = (iteration - self.last[1]) / (now - self.last[0])
+            eta = timedelta(seconds=round((self.iters - iteration) / speed))
+            line += f", {speed:.2f} it/s, ETA {eta}"
+        self.last = (now, iteration)
+        self.logger.info(line)
+        percent = 100 * iteration / self.iters
+        if self.progress is None:
+            self.progress = create_progress_artifact(
+                progress=percent, key=f"{self.stage}-progress", description="iterations done, percent")
+        else:
+            update_progress_artifact(artifact_id=self.progress, progress=percent)
+
+    def on_eval(self, iteration: int, mious: dict) -> None:
+        line = f"iteration {iteration}: val mIoU {mious['val_miou']}"
+        if "train_pseudo_miou" in mious:  # a model trained on masks makes no pseudo labels
+            line += f", train pseudo-label mIoU {mious['train_pseudo_miou']}"
+        self.logger.info(line)
+        # A new version of the same key each time, from eval.csv: it holds a resumed run's
+        # earlier rows too, and the table is there while the run goes on or if it fails.
+        create_table_artifact(key=f"{self.stage}-evaluation", table=_read_table(self.out / "eval.csv"),
                               description="pseudo-label mIoU (train) and segmentation mIoU (val)")
-    return model
 
 
-@flow(name="train", log_prints=True)
+@_stage("train")
 def train_flow(params: Params) -> str:
     from .train import train
 
-    return str(_train_with_artifacts(train, params, "train"))
+    report = _TrainReport(params, "train", Path(params.train.out))
+    return str(train(params, on_log=report.on_log, on_eval=report.on_eval))
 
 
-@flow(name="upper-bound", log_prints=True)
-def upper_bound_flow(params: Params) -> str:
+@_stage("upper-bound")
+def upper_bound_flow(params: Params):
     from .train import train_upper_bound
 
-    return str(_train_with_artifacts(train_upper_bound, params, "upper-bound"))
+    out = Path(params.upper_bound.out)
+    report = _TrainReport(params, "upper-bound", out)
+    model = train_upper_bound(params, on_log=report.on_log, on_eval=report.on_eval)
+    return _skipped(out) if model is None else str(model)
 
 
-@flow(name="infer", log_prints=True)
+@_stage("infer")
 def infer_flow(params: Params) -> str:
     from .infer import infer
 
-    return str(infer(params))
+    start = time.monotonic()
+    out = infer(params)
+    done = len(list((out / "crf").glob("*.png")))
+    get_run_logger().info("%d images of split %s segmented in %s (single/, msf/, crf/), %.1f s",
+                          done, params.infer.split, out, time.monotonic() - start)
+    return str(out)
 
 
-@flow(name="evaluate", log_prints=True)
+@_stage("evaluate")
 def evaluate_flow(params: Params) -> dict:
     from .evaluate import evaluate
 
+    start = time.monotonic()
     metrics, table = evaluate(params)
+    val = metrics["val"]
+    get_run_logger().info(
+        "val mIoU %s (without CRF %s, single scale %s), train pseudo-label mIoU %s; reports in "
+        "%s (metrics.json, iou.md, plots), %.1f s", val["miou"], val["miou_no_crf"],
+        val["miou_single_scale"], metrics["train"]["pseudo_miou"], params.evaluate.out,
+        time.monotonic() - start)
     rows = table.reset_index().astype(object).where(table.reset_index().notna(), None)
     create_table_artifact(key="iou", table=rows.to_dict("records"),
                           description="IoU per class of every step of the method (percent)")

@@ -11,6 +11,7 @@ segments every N-th image; every output is per image, so no two ranks write the 
 """
 from __future__ import annotations
 
+import multiprocessing
 import shutil
 import signal
 from concurrent.futures import ProcessPoolExecutor
@@ -71,7 +72,10 @@ def _infer(params: Params, model_path: str | Path, device: torch.device, stop) -
     todo = [i for i in distributed.shard(range(len(data)))
             if not (out / "crf" / f"{data.records[i].image_id}.png").exists()]
     # The CRF workers leave Ctrl-C to this process, which finishes their images and stops.
-    with ProcessPoolExecutor(max_workers=p.workers, initializer=_ignore_interrupts) as pool:
+    # Forkserver workers, not forked ones: a forked worker would hold this run's folder lock
+    # (and Prefect's threads) past a kill -9 of this process.
+    with ProcessPoolExecutor(max_workers=p.workers, initializer=_ignore_interrupts,
+                             mp_context=multiprocessing.get_context("forkserver")) as pool:
         jobs = []
         for i in tqdm(todo, desc=f"infer {p.split}", unit="image", disable=not distributed.is_main()):
             if stop.is_set():

@@ -1,8 +1,11 @@
-"""The `weclip` commands run each stage as a completed Prefect flow, on params.yaml."""
+"""The `weclip` commands run each stage as a completed Prefect flow, on params.yaml, and report
+what it did through the Prefect API: run names, log lines, artifacts, state messages."""
 import json
 import os
+import re
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import yaml
@@ -19,7 +22,7 @@ def prefect_server():
         yield
 
 
-def test_stages_run_as_completed_prefect_flows(prefect_server, tmp_path):
+def test_stages_run_as_prefect_flows_that_report_what_they_did(prefect_server, tmp_path):
     """Each stage in its own process, as `dvc repro` runs them, reporting to one server; train
     as 2 processes (train.nproc), of which rank 0 alone reports."""
     from prefect.settings import PREFECT_API_URL
@@ -54,12 +57,66 @@ def test_stages_run_as_completed_prefect_flows(prefect_server, tmp_path):
     assert (elsewhere / "predictions" / f"{image.stem}_overlay.png").exists()
 
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
+                                                LogFilter, LogFilterFlowRunId)
 
     with get_client(sync_client=True) as client:
-        runs = [r for r in client.read_flow_runs() if "test" in r.tags]
-        names = {client.read_flow(r.flow_id).name: r.state.type.value for r in runs}
-    assert names == {s: "COMPLETED" for s in ("prepare", "cache", "train", "infer", "evaluate")}
-    assert all(any(t.startswith("stage:") for t in r.tags) for r in runs)
+        runs = {client.read_flow(r.flow_id).name: r
+                for r in client.read_flow_runs() if "test" in r.tags}
+        logs = {stage: [log.message for log in client.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))]
+                for stage, run in runs.items()}
+        artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[runs["train"].id])))}
+    assert {s: r.state.type.value for s, r in runs.items()} == {
+        s: "COMPLETED" for s in ("prepare", "cache", "train", "infer", "evaluate")}
+    assert {s: set(r.tags) for s, r in runs.items()} == {s: {f"stage:{s}", "test"} for s in runs}
+
+    # Named by what ran: the stage, the dataset, and (outside a DVC experiment) a digest of
+    # the parameters, the same for every stage of one pipeline run.
+    names = {s: r.name.split(" · ") for s, r in runs.items()}
+    assert {s: n[:2] for s, n in names.items()} == {s: [s, "world"] for s in runs}
+    assert len({n[2] for n in names.values()}) == 1
+
+    # Training reports its losses, speed and evaluations while it runs.
+    assert any(re.fullmatch(r"iteration 1/2: loss [\d.]+ \(seg [\d.]+, aff [\d.]+\), lr \S+", m)
+               for m in logs["train"])
+    assert any(re.fullmatch(r"iteration 2/2: loss .*, lr \S+, [\d.]+ it/s, ETA 0:00:00", m)
+               for m in logs["train"])
+    assert any(re.fullmatch(r"iteration 2: val mIoU [\d.]+, train pseudo-label mIoU [\d.]+", m)
+               for m in logs["train"])
+    assert artifacts["train-progress"].data == 100.0
+    table = json.loads(artifacts["train-evaluation"].data)
+    assert [row["iteration"] for row in table] == [2] and "val_miou" in table[0]
+
+    # The other stages say what they did, or that they did nothing.
+    assert runs["cache"].state.message == ("nothing done: train.features is 'online': no "
+                                           "feature cache is needed")
+    assert any(m.startswith("2 images of split val segmented in runs/infer") for m in logs["infer"])
+    assert any(re.match(r"val mIoU [\d.]+ .*, train pseudo-label mIoU [\d.]+; reports in reports",
+                        m) for m in logs["evaluate"])
+
+
+def test_one_server_serves_a_whole_command_and_stops_after_it(tmp_path):
+    """What `make repro` runs: `dvc repro` under one Prefect server on .prefect/."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), PREFECT_SERVER_API_PORT=str(port))
+    api = f"http://127.0.0.1:{port}/api"
+    answers = f"import urllib.request; print(urllib.request.urlopen('{api}/health').read())"
+    result = subprocess.run([sys.executable, "-m", "pipeline.prefect_env", "serve", "--",
+                             sys.executable, "-c", "import os; print(os.environ['PREFECT_API_URL']);"
+                             + answers], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines() == [f"Prefect UI at http://127.0.0.1:{port} (runs on "
+                                          f"{tmp_path / '.prefect'})", api, "b'true'"]
+    assert (tmp_path / ".prefect" / "prefect.db").exists()
+    with pytest.raises(OSError):  # stopped
+        urllib.request.urlopen(f"{api}/health", timeout=2)
 
 
 def test_a_failed_stage_ends_in_one_line_and_is_recorded_as_a_failed_run(prefect_server, tmp_path):
