@@ -51,8 +51,13 @@ def wait_for_rows(process, csv_path, rows, timeout=120):
         time.sleep(0.05)
 
 
-def decoder(run):
-    return torch.load(run / "model.pt", weights_only=True)["decoder"]
+def assert_same_run(whole, resumed):
+    """The same decoder, bit for bit, and the same loss and evaluation logs."""
+    a = torch.load(whole / "model.pt", weights_only=True)["decoder"]
+    b = torch.load(resumed / "model.pt", weights_only=True)["decoder"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("losses.csv", "eval.csv"):
+        assert read_rows(whole / name) == read_rows(resumed / name)
 
 
 @pytest.fixture
@@ -75,10 +80,7 @@ def test_sigterm_stops_training_with_a_checkpoint_and_a_rerun_ends_as_an_unbroke
     stopped_at = torch.load(tmp_path / "broken" / "checkpoint.pt", weights_only=False)["iteration"]
     assert stopped_at == int(read_rows(tmp_path / "broken" / "losses.csv")[-1]["iteration"])
     assert run_stage("train", long_params(tmp_path / "broken")).wait(timeout=300) == 0
-    a, b = decoder(tmp_path / "whole"), decoder(tmp_path / "broken")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for name in ("losses.csv", "eval.csv"):
-        assert read_rows(tmp_path / "whole" / name) == read_rows(tmp_path / "broken" / name)
+    assert_same_run(tmp_path / "whole", tmp_path / "broken")
 
 
 def test_training_killed_twice_resumes_to_the_same_model(run_stage, long_params, tmp_path):
@@ -90,10 +92,7 @@ def test_training_killed_twice_resumes_to_the_same_model(run_stage, long_params,
         process.kill()
         process.wait()
     assert run_stage("train", long_params(tmp_path / "killed")).wait(timeout=300) == 0
-    a, b = decoder(tmp_path / "whole"), decoder(tmp_path / "killed")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    for name in ("losses.csv", "eval.csv"):
-        assert read_rows(tmp_path / "whole" / name) == read_rows(tmp_path / "killed" / name)
+    assert_same_run(tmp_path / "whole", tmp_path / "killed")
 
 
 def test_a_second_run_on_the_same_folder_is_refused(run_stage, long_params, tmp_path):
