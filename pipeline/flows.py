@@ -87,10 +87,9 @@ class _TrainReport:
         self.last = None  # (time, iteration) of the previous logged iteration
 
     def on_log(self, iteration: int, losses: dict) -> None:
-        # The row has no learning rate; losses.csv, appended just before, has it.
-        lr = float(_read_table(self.out / "losses.csv")[-1]["lr"])
         line = (f"iteration {iteration}/{self.iters}: loss {losses['loss']:.4f} "
-                f"(seg {losses['seg_loss']:.4f}, aff {losses['aff_loss']:.4f}), lr {lr:.3g}")
+                f"(seg {losses['seg_loss']:.4f}, aff {losses['aff_loss']:.4f}), "
+                f"lr {losses['lr']:.3g}")
         now = time.monotonic()
         if self.last:  # the speed is measured between logged iterations, so not at the first
             speed = (iteration - self.last[1]) / (now - self.last[0])

@@ -102,7 +102,7 @@ def _gather(obj) -> list:
 def train(params: Params, on_log=None, on_eval=None) -> Path:
     """Train WeCLIP as ``params`` say; resume from ``train.out``/checkpoint.pt when present.
 
-    ``on_log(iteration, losses)`` and ``on_eval(iteration, mious)`` are called (on rank 0)
+    ``on_log(iteration, losses and lr)`` and ``on_eval(iteration, mious)`` are called (on rank 0)
     after each logged iteration and each periodic evaluation. Returns the path of model.pt.
     SIGTERM or SIGINT stop it at the next iteration (under torchrun: the next logged one, where
     the ranks agree) with a checkpoint written, raising ``Stopped``.
@@ -197,10 +197,10 @@ def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
             if ranks > 1:
                 losses = _sum_over_ranks(losses)  # the shares add up to the batch's losses
             *values, stopping = losses.tolist()
-            row = dict(zip(("loss", "seg_loss", "aff_loss"), values))
+            row = {**dict(zip(("loss", "seg_loss", "aff_loss"), values)),
+                   "lr": optimizer.param_groups[0]["lr"]}
             if main:
-                _append_csv(out / "losses.csv", LOSS_COLUMNS,
-                            {"iteration": done, **row, "lr": optimizer.param_groups[0]["lr"]})
+                _append_csv(out / "losses.csv", LOSS_COLUMNS, {"iteration": done, **row})
                 bar.set_postfix(loss=f"{row['loss']:.3f}")
                 if on_log:
                     on_log(done, row)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from weclip.backbone import FrozenCLIP, create_clip
+from weclip.backbone import FrozenCLIP, create_clip, resized_positional_embedding
 
 
 @pytest.fixture
@@ -17,7 +17,7 @@ def backbone(tiny_arch, tiny_clip_weights):
 @pytest.mark.parametrize("size", [(320, 320), (384, 512)])
 def test_positional_embeddings_follow_the_input_grid(backbone, size):
     grid = (size[0] // 16, size[1] // 16)
-    pos = backbone.positional_embedding(grid)
+    pos = resized_positional_embedding(backbone.visual, grid)
     native = backbone.visual.positional_embedding
     assert pos.shape == (1 + grid[0] * grid[1], native.shape[1])
     assert torch.equal(pos[0], native[0])  # the class token's embedding is kept

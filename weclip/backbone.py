@@ -242,10 +242,6 @@ class FrozenCLIP(nn.Module):
     def patch_size(self) -> int:
         return self.visual.conv1.kernel_size[0]
 
-    def positional_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
-        """The positional embeddings resized bilinearly to ``grid``: [1 + h*w, D]."""
-        return resized_positional_embedding(self.visual, grid)
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BackboneFeatures:
         """Blocks 1..N without gradient on normalised images [B, 3, H, W] -> BackboneFeatures.
