@@ -22,7 +22,7 @@ repro: $(VENV)/.installed
 
 # The Prefect UI on .prefect/ (every run of this folder), at http://127.0.0.1:4200.
 ui: $(VENV)/.installed
-	$(PY) -m pipeline.prefect_env ui
+	$(VENV)/bin/weclip ui
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest

@@ -24,14 +24,15 @@ from weclip.factory import resolve_weights
 from weclip.dataset import load_image, multi_hot, read_classes, read_manifest
 
 from . import distributed
-from .common import Stopped, exclusive, stop_requests
+from .common import Stopped, exclusive, run_step, stop_requests
 from .features import FORMAT, backbone_attributes, create_store, open_store
 from .params import Params
 
 
-def cache(params: Params) -> Path:
+def cache(params: Params, step=run_step) -> Path:
     """The stage: write ``cache.path`` when ``train.features`` is 'cache'; otherwise leave only
-    a note there (DVC always has the stage). Returns the store's path."""
+    a note there (DVC always has the stage). Returns the store's path. ``step`` runs the
+    writing of each shard (``common.run_step``)."""
     path = Path(params.cache.path)
     skipped = path / "SKIPPED"
     if params.train.features != "cache":
@@ -48,7 +49,7 @@ def cache(params: Params) -> Path:
     with exclusive(path) if distributed.is_main() else nullcontext():
         return write_cache(backbone, params.dataset_dir, params.train.split, path,
                            size=params.train.crop_size, batch_size=params.cache.batch_size,
-                           device=device)
+                           device=device, step=step)
 
 
 def fixed_view(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -63,13 +64,14 @@ def fixed_view(image: torch.Tensor, size: int) -> torch.Tensor:
 def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
                 out_path: str | Path, *, size: int, batch_size: int = 8,
                 device: str | torch.device = "cpu", progress: bool = True,
-                shard_size: int = 64, overwrite: bool = False) -> Path:
+                shard_size: int = 64, overwrite: bool = False, step=run_step) -> Path:
     """Cache the backbone's features of every image of ``split`` at ``out_path``; returns it.
 
     Resumes a store with the same attributes, skipping its finished rows. A store made with
     other settings (size, backbone, split contents...) is refused, or rebuilt if ``overwrite``.
     The backbone is moved to ``device``; it runs ``batch_size`` images at a time, and one shard
-    of features (``shard_size`` images) is held in memory before it is written.
+    of features (``shard_size`` images) is held in memory before it is written, by a ``step``
+    (``common.run_step``) of its own.
     """
     out_path = Path(out_path)
     info = read_classes(dataset_root)
@@ -93,7 +95,7 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
         if not out_path.exists():
             labels = np.stack([multi_hot(r.labels, len(info.classes)).numpy() for r in records])
             create_store(out_path, attributes, labels.astype(np.uint8), backbone.depth,
-                    backbone.width, shard_size)
+                         backbone.width, shard_size)
     distributed.barrier()
 
     group = open_store(out_path, mode="r+")
@@ -106,6 +108,20 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
     total = sum(stop - start for start, stop in mine)
     left = sum(stop - start for start, stop in todo)
     share = " (rank 0's share)" if distributed.world_size() > 1 else ""
+
+    def write_shard(start: int, stop: int, bar) -> None:
+        views = torch.stack([fixed_view(load_image(r.image), size) for r in records[start:stop]])
+        tokens, attn = [], []
+        for batch in views.split(batch_size):
+            features = backbone(backbone.normalize(batch.to(device)))
+            tokens.append(features.tokens.half().cpu())
+            attn.append(features.attn.half().cpu())
+            bar.update(len(batch))
+        group["images"][start:stop] = views.numpy()
+        group["tokens"][start:stop] = torch.cat(tokens).numpy()
+        group["attn"][start:stop] = torch.cat(attn).numpy()
+        group["done"][start:stop] = True  # last: the rows count only once all is written
+
     with (tqdm(total=total, initial=total - left, desc=f"cache {split}{share}", unit="img",
                disable=not (progress and distributed.is_main())) as bar,
           stop_requests() as requested):
@@ -113,18 +129,8 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
             if requested.is_set():
                 raise Stopped(f"{out_path}: stopped by a signal; the shards done are kept, run "
                               "again to resume")
-            views = torch.stack([fixed_view(load_image(r.image), size)
-                                 for r in records[start:stop]])
-            tokens, attn = [], []
-            for batch in views.split(batch_size):
-                features = backbone(backbone.normalize(batch.to(device)))
-                tokens.append(features.tokens.half().cpu())
-                attn.append(features.attn.half().cpu())
-                bar.update(len(batch))
-            group["images"][start:stop] = views.numpy()
-            group["tokens"][start:stop] = torch.cat(tokens).numpy()
-            group["attn"][start:stop] = torch.cat(attn).numpy()
-            group["done"][start:stop] = True  # last: the rows count only once all is written
+            step("write shard", lambda: write_shard(start, stop, bar),
+                 f"images {start}-{stop - 1}")
     distributed.barrier()  # so that the store is complete wherever write_cache has returned
     return out_path
 

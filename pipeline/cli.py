@@ -25,6 +25,10 @@ def _debug() -> bool:
     return os.environ.get("WECLIP_DEBUG", "0") not in ("", "0")
 
 
+class _Failed(RuntimeError):
+    """A command's processes failed; the message says how."""
+
+
 class _Commands(TyperGroup):
     """The commands, each of whose errors a user can fix ends as one line."""
 
@@ -33,14 +37,21 @@ class _Commands(TyperGroup):
 
         try:
             return super().invoke(ctx)
-        except (ValueError, FileNotFoundError, Stopped) as e:
+        except (ValueError, FileNotFoundError, Stopped, _Failed) as e:
             if _debug():
                 traceback.print_exc()
             # The system's own OSError keeps the file apart from the problem.
             message = f"{e.filename}: {e.strerror}" if getattr(e, "filename", None) else e
-            typer.echo(f"error: {message}", err=True)
+            if _ERRORS in os.environ and "RANK" in os.environ:
+                # A process of _launch, which reports the first failure.
+                Path(os.environ[_ERRORS], f"rank-{os.environ['RANK']}").write_text(str(message))
+            else:
+                typer.echo(f"error: {message}", err=True)
             raise typer.Exit(1) from None
 
+
+# The folder where the processes of _launch leave their error lines.
+_ERRORS = "WECLIP_ERRORS"
 
 app = typer.Typer(cls=_Commands, no_args_is_help=True, pretty_exceptions_enable=False)
 
@@ -115,16 +126,29 @@ def _run(stage: str, params, tags: Optional[list[str]]):
             raise
 
 
-def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> int:
-    """Run this command again as ``nproc`` processes under torch's launcher; its exit code."""
-    import subprocess
+def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> None:
+    """Run this command again as ``nproc`` processes under torch's launcher. A failure ends in
+    one error line: the first failed process's own, or its exit code when it left none."""
+    import tempfile
 
-    from .distributed import launch_command
+    from .distributed import launch
 
     argv = ["pipeline.cli", stage, "--params", str(params_path)]
     argv += [a for item in overrides or [] for a in ("-S", item)]
     argv += [a for tag in tags or [] for a in ("--tag", tag)]
-    return subprocess.run(launch_command(nproc, argv)).returncode
+    with tempfile.TemporaryDirectory() as errors:
+        os.environ[_ERRORS] = errors
+        try:
+            failed = launch(nproc, argv, quiet=not _debug())
+        finally:
+            del os.environ[_ERRORS]
+        reports = sorted(Path(errors).iterdir(), key=lambda p: p.stat().st_mtime_ns)
+        if reports:
+            raise _Failed(reports[0].read_text())
+    if failed:
+        rank = min(failed)
+        raise _Failed(f"process {rank} of {nproc} ended with exit code {failed[rank]} (its "
+                      "output is above)")
 
 
 # What of this machine each stage uses, checked before it starts (see pipeline.params.PRESENCE).
@@ -152,7 +176,7 @@ def _stage_command(stage: str, help_text: str):
         p = _load(params, set_, NEEDS.get(stage, ()))
         nproc = getattr(p, stage).nproc if stage in DISTRIBUTED else 1
         if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            raise typer.Exit(_launch(stage, params, set_, tag, nproc))
+            return _launch(stage, params, set_, tag, nproc)
         result = _run(stage, p, tag)
         if int(os.environ.get("RANK", "0")) == 0:
             typer.echo(result)
@@ -214,6 +238,15 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
     write_atomically(out, lambda tmp: shutil.copyfile(work / WEIGHTS_FILE, tmp))
     metrics.pop("losses")
     typer.echo(f"{out}: zero-shot {metrics}")
+
+
+@app.command()
+def ui():
+    """Serve the Prefect UI on this folder's runs (.prefect/) at http://127.0.0.1:4200, unless a
+    server already answers there; Ctrl-C stops it."""
+    from .prefect_env import ui as serve_ui
+
+    raise typer.Exit(serve_ui())
 
 
 @app.command()

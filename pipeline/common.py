@@ -1,5 +1,5 @@
-"""What several stages share: scoring a model on a split, stopping cleanly on a signal, and
-one writer per output folder."""
+"""What several stages share: their steps, scoring a model on a split, stopping cleanly on a
+signal, and one writer per output folder."""
 from __future__ import annotations
 
 import fcntl
@@ -8,12 +8,23 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import torch
 
 from weclip import WeCLIP, predict
 from weclip.dataset import EvalDataset
 from weclip.metrics import confusion_matrix
+
+T = TypeVar("T")
+
+
+def run_step(name: str, fn: Callable[[], T], detail: str = "") -> T:
+    """Run ``fn``, one step of a stage (an evaluation, a checkpoint, a chunk of images...), and
+    return its result: how a stage runs its steps by default. The flows (pipeline/flows.py)
+    pass instead one that runs each step as a Prefect task named ``name`` (its run named by
+    ``detail`` too), so that a run's timeline shows them."""
+    return fn()
 
 
 @torch.no_grad()
@@ -35,7 +46,6 @@ def score(model: WeCLIP, dataset: EvalDataset, device, limit: int | None = None,
             probs = predict(model, image, scales=(1.0,), flip=False, long_side=None)
             out["prediction"] += confusion_matrix(probs.argmax(1)[0].cpu(), item.mask, c)
     return out
-
 
 
 class Stopped(RuntimeError):

@@ -1,7 +1,7 @@
 """torch.distributed plumbing shared by the stages.
 
-A stage runs as one process by default; started by torchrun (``launch_command``) it runs as
-one process per device: NCCL between GPUs, Gloo between CPU processes. Each rank handles its
+A stage runs as one process by default; started by torchrun (or ``launch``) it runs as one
+process per device: NCCL between GPUs, Gloo between CPU processes. Each rank handles its
 ``shard`` of the work, and rank 0 alone writes shared outputs (stores, reports, checkpoints)
 while the others wait at a ``barrier``.
 """
@@ -72,11 +72,31 @@ def shard(items: Sequence, rank: int | None = None, world: int | None = None) ->
     return items[rank::world]
 
 
-def launch_command(nproc: int, argv: list[str]) -> list[str]:
-    """The command that runs ``python -m <argv...>`` as ``nproc`` processes on this machine."""
-    # --standalone starts a local rendezvous on a free port: no MASTER_ADDR/PORT to choose.
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", *argv]
+def launch(nproc: int, argv: list[str], quiet: bool = True) -> dict[int, int]:
+    """Run ``python -m <argv...>`` as ``nproc`` processes on this machine, as `torchrun
+    --standalone --nproc-per-node <nproc>` does; returns the exit code of each failed rank
+    ({} when all succeeded). ``quiet``: without the launcher's own log lines (its summary of
+    failures included), so that the caller reports a failure its own way."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    if quiet:
+        for name, logger in logging.root.manager.loggerDict.items():
+            if name.startswith("torch.distributed") and isinstance(logger, logging.Logger):
+                logger.setLevel(logging.CRITICAL)
+    # The cores shared between the processes (torchrun would give each one thread).
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    # A local rendezvous on a free port: no MASTER_ADDR/PORT to choose.
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=uuid.uuid4().hex,
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0)
+    try:
+        elastic_launch(config, sys.executable)("-m", *argv)
+    except ChildFailedError as e:
+        return {rank: failure.exitcode for rank, failure in e.failures.items()}
+    return {}
 
 
 def _initialised() -> bool:

@@ -1,8 +1,8 @@
 """The evaluate stage: mIoU of every step of the method, as tables, metrics and plots.
 
-The ablation runs on ``evaluate.pseudo_split`` (VOC's own train list, as the paper scores it): the initial Grad-CAM, the
-statically refined CAM, the RFM-refined CAM (each as background = 1 - max, argmax, no PAR), and
-the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
+The ablation runs on ``evaluate.pseudo_split`` (VOC's own train list, as the paper scores it):
+the initial Grad-CAM, the statically refined CAM, the RFM-refined CAM (each as background =
+1 - max, argmax, no PAR), and the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
 single scale, multi-scale + flip, and with DenseCRF (the final result); with
 ``upper_bound.enabled``, also the single-scale prediction of the decoder trained on masks.
 ``attention`` in diagnostics.json (beside metrics.json, which keeps the headline mIoUs only) says
@@ -24,7 +24,7 @@ from weclip.metrics import confusion_matrix, mean_iou
 from weclip.refine import transition_matrix
 
 from . import distributed
-from .common import score
+from .common import run_step, score
 from .params import Params
 from .report import (iou_table, split_metrics, write_charts, write_confusion, write_metrics,
                      write_per_class_iou, write_qualitative, write_tables, write_variant_iou)
@@ -105,9 +105,10 @@ def prediction_confusions(params: Params, data: EvalDataset, num_classes: int) -
     return out
 
 
-def evaluate(params: Params, model_path: str | Path | None = None):
+def evaluate(params: Params, model_path: str | Path | None = None, step=run_step):
     """Write the reports under ``evaluate.out`` for ``model_path`` (default: train.out's
-    model.pt); returns (metrics, per-class IoU table)."""
+    model.pt); returns (metrics, per-class IoU table). ``step`` runs each scoring and the
+    writing of the reports (``common.run_step``)."""
     model_path = model_path or Path(params.train.out) / "model.pt"
     e, root = params.evaluate, params.dataset_dir
     out = Path(e.out)
@@ -116,23 +117,37 @@ def evaluate(params: Params, model_path: str | Path | None = None):
     model = load_model(model_path, device)
     val = EvalDataset(root, params.infer.split)
     train_data = EvalDataset(root, e.pseudo_split)
-    cams = cam_confusions(model, train_data, device, e.train_images)
-    preds = prediction_confusions(params, val, info.num_classes)
+    cams = step("score CAM steps",
+                lambda: cam_confusions(model, train_data, device, e.train_images),
+                f"split {e.pseudo_split}")
+    preds = step("score predictions",
+                 lambda: prediction_confusions(params, val, info.num_classes),
+                 f"split {params.infer.split}")
     if params.upper_bound.enabled:
         bound = load_model(Path(params.upper_bound.out) / "model.pt", device)
-        preds["fully supervised"] = score(bound, val, device, pseudo=False)["prediction"]
-
-    table = iou_table({**cams, **preds}, info.classes)
-    write_tables(table, out)
-    write_per_class_iou(table, out / "per_class_iou.csv")
-    write_variant_iou(table, "+ CRF", out / "per_class_iou_final.csv")
-    write_confusion(preds["+ CRF"], info.classes, out / "confusion.csv")
+        preds["fully supervised"] = step(
+            "score upper bound", lambda: score(bound, val, device, pseudo=False)["prediction"])
+    attention = step("attention diagnostics",
+                     lambda: attention_agreement(model, train_data, device, e.train_images))
     miou = {name: round(100 * mean_iou(conf), 2) for name, conf in {**cams, **preds}.items()}
     results = {"val": {"miou": miou["+ CRF"], "miou_no_crf": miou["+ multi-scale + flip"],
                        "miou_single_scale": miou["prediction"]},
                "train": {"pseudo_miou": miou["pseudo labels (RFM + PAR)"]},
-               "ablation": miou,
-               "attention": attention_agreement(model, train_data, device, e.train_images)}
+               "ablation": miou, "attention": attention}
+    table = iou_table({**cams, **preds}, info.classes)
+    step("write reports", lambda: _write_reports(params, results, table, preds["+ CRF"], val))
+    return results, table
+
+
+def _write_reports(params: Params, results: dict, table, final_confusion: torch.Tensor,
+                   val: EvalDataset) -> None:
+    """Everything under ``evaluate.out``: tables, metrics, plot data, charts, the grid."""
+    e, out = params.evaluate, Path(params.evaluate.out)
+    classes = val.info.classes
+    write_tables(table, out)
+    write_per_class_iou(table, out / "per_class_iou.csv")
+    write_variant_iou(table, "+ CRF", out / "per_class_iou_final.csv")
+    write_confusion(final_confusion, classes, out / "confusion.csv")
     headline, diagnostics = split_metrics(results)
     write_metrics(headline, out / "metrics.json")  # the DVC metric
     write_metrics(diagnostics, out / "diagnostics.json")  # an output, not a metric
@@ -143,6 +158,4 @@ def evaluate(params: Params, model_path: str | Path | None = None):
         pred = load_mask(Path(params.infer.out) / "crf" / f"{item.image_id}.png")
         samples.append((np.asarray(item.image.permute(1, 2, 0), np.uint8), item.mask.numpy(),
                         pred.numpy(), item.image_id))
-    write_qualitative(samples, out / "qualitative.png", class_names=info.classes)
-    return results, table
-
+    write_qualitative(samples, out / "qualitative.png", class_names=classes)

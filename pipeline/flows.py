@@ -1,9 +1,11 @@
 """Each stage as a Prefect flow, so that every run shows in the Prefect UI with its logs.
 
 The flows only wrap the stage functions of the stage modules, adding what Prefect shows:
-a run name saying what ran, progress and table artifacts, and log lines with the figures a
-stage produced (loss, mIoU, counts, timings, output paths). A stage that has nothing to do ends
-in a Completed state whose message says so. Import this only after
+a run name saying what ran, each step of a stage as a task (train: building the model, each
+evaluation and checkpoint, saving the model; cache: each shard; infer: each chunk of images;
+evaluate: each scoring and the reports), progress and table artifacts, and log lines with the
+figures a stage produced (loss, mIoU, counts, timings, output paths). A stage that has nothing
+to do ends in a Completed state whose message says so. Import this only after
 ``pipeline.prefect_env.configure()``: Prefect reads its settings at import.
 """
 from __future__ import annotations
@@ -14,12 +16,16 @@ import os
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import Callable, TypeVar
 
-from prefect import flow, get_run_logger, runtime
+from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 
 from .params import Params, params_fingerprint
+
+T = TypeVar("T")
 
 
 def _run_name() -> str:
@@ -34,6 +40,15 @@ def _run_name() -> str:
 def _stage(name: str):
     """The flow of the stage ``name`` (the command's name, as in its tag `stage:<name>`)."""
     return flow(name=name, flow_run_name=_run_name, log_prints=True)
+
+
+def _task(name: str, fn: Callable[[], T], detail: str = "") -> T:
+    """Run ``fn`` as a Prefect task named ``name`` (the stages' ``step``, see
+    ``common.run_step``). Never cached nor persisted: a step's result (a model, tensors) lives
+    in this process only, and the stage functions do their own resuming."""
+    run_name = f"{name} · {detail}" if detail else name
+    return task(fn, name=name, task_run_name=run_name, cache_policy=NO_CACHE,
+                persist_result=False)()
 
 
 def _skipped(out: Path) -> Completed | None:
@@ -60,7 +75,7 @@ def prepare_flow(params: Params) -> str:
 def cache_flow(params: Params):
     from .cache import cache
 
-    out = cache(params)
+    out = cache(params, step=_task)
     if skipped := _skipped(out):
         return skipped
     get_run_logger().info("features of split %s cached at %s", params.train.split, out)
@@ -120,7 +135,7 @@ def train_flow(params: Params) -> str:
     from .train import train
 
     report = _TrainReport(params, "train", Path(params.train.out))
-    return str(train(params, on_log=report.on_log, on_eval=report.on_eval))
+    return str(train(params, on_log=report.on_log, on_eval=report.on_eval, step=_task))
 
 
 @_stage("upper-bound")
@@ -129,7 +144,8 @@ def upper_bound_flow(params: Params):
 
     out = Path(params.upper_bound.out)
     report = _TrainReport(params, "upper-bound", out)
-    model = train_upper_bound(params, on_log=report.on_log, on_eval=report.on_eval)
+    model = train_upper_bound(params, on_log=report.on_log, on_eval=report.on_eval,
+                              step=_task)
     return _skipped(out) if model is None else str(model)
 
 
@@ -138,7 +154,7 @@ def infer_flow(params: Params) -> str:
     from .infer import infer
 
     start = time.monotonic()
-    out = infer(params)
+    out = infer(params, step=_task)
     done = len(list((out / "crf").glob("*.png")))
     get_run_logger().info("%d images of split %s segmented in %s (single/, msf/, crf/), %.1f s",
                           done, params.infer.split, out, time.monotonic() - start)
@@ -150,7 +166,7 @@ def evaluate_flow(params: Params) -> dict:
     from .evaluate import evaluate
 
     start = time.monotonic()
-    metrics, table = evaluate(params)
+    metrics, table = evaluate(params, step=_task)
     val = metrics["val"]
     get_run_logger().info(
         "val mIoU %s (without CRF %s, single scale %s), train pseudo-label mIoU %s; reports in "

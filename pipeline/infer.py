@@ -27,20 +27,23 @@ from weclip.crf import dense_crf
 from weclip.dataset import EvalDataset, load_image
 
 from . import distributed
-from .common import Stopped, exclusive, stop_requests
+from .common import Stopped, exclusive, run_step, stop_requests
 from .params import InferParams, Params, file_digest, params_fingerprint
 from .report import overlay, save_palette_png, write_image
 
 VARIANTS = ("single", "msf", "crf")
+# Images per step (``common.run_step``): a Prefect task each, few enough to read in the UI.
+CHUNK = 100
 
 
 def _crf_job(image: np.ndarray, probs: np.ndarray, crf: dict, path: Path) -> None:
     save_palette_png(dense_crf(image, probs, **crf).argmax(0).astype(np.uint8), path)
 
 
-def infer(params: Params, model_path: str | Path | None = None) -> Path:
+def infer(params: Params, model_path: str | Path | None = None, step=run_step) -> Path:
     """Write the three predictions of every image of the split with ``model_path`` (default:
-    train.out's model.pt); returns the output folder. SIGTERM or SIGINT stop it after the
+    train.out's model.pt); returns the output folder. ``step`` runs each chunk of CHUNK images
+    and the pseudo-label export (``common.run_step``). SIGTERM or SIGINT stop it after the
     current image, raising ``Stopped``; a rerun resumes."""
     model_path = model_path or Path(params.train.out) / "model.pt"
     device = distributed.local_device(params.infer.device)
@@ -50,11 +53,11 @@ def infer(params: Params, model_path: str | Path | None = None) -> Path:
         if distributed.is_main():
             stack.enter_context(exclusive(out))
         stop = stack.enter_context(stop_requests())
-        _infer(params, model_path, device, stop)
+        _infer(params, model_path, device, stop, step)
     return out
 
 
-def _infer(params: Params, model_path: str | Path, device: torch.device, stop) -> None:
+def _infer(params: Params, model_path: str | Path, device: torch.device, stop, step) -> None:
     p = params.infer
     out = Path(p.out)
     if distributed.is_main():
@@ -74,30 +77,47 @@ def _infer(params: Params, model_path: str | Path, device: torch.device, stop) -
     # The CRF workers leave Ctrl-C to this process, which finishes their images and stops.
     # Forkserver workers, not forked ones: a forked worker would hold this run's folder lock
     # (and Prefect's threads) past a kill -9 of this process.
-    with ProcessPoolExecutor(max_workers=p.workers, initializer=_ignore_interrupts,
-                             mp_context=multiprocessing.get_context("forkserver")) as pool:
-        jobs = []
-        for i in tqdm(todo, desc=f"infer {p.split}", unit="image", disable=not distributed.is_main()):
+    with (ProcessPoolExecutor(max_workers=p.workers, initializer=_ignore_interrupts,
+                              mp_context=multiprocessing.get_context("forkserver")) as pool,
+          tqdm(total=len(todo), desc=f"infer {p.split}", unit="image",
+               disable=not distributed.is_main()) as bar):
+        for first in range(0, len(todo), CHUNK):
             if stop.is_set():
                 break
-            item = data[i]
-            name = f"{item.image_id}.png"
-            single, probs = segment(model, item.image[None].to(device), p)
-            save_palette_png(single, out / "single" / name)
-            save_palette_png(probs.argmax(0).astype(np.uint8), out / "msf" / name)
-            jobs.append(pool.submit(_crf_job, _rgb(item.image), probs, vars(p.crf), out / "crf" / name))
-            # Bound the queue: each job holds an image's probabilities.
-            while sum(not j.done() for j in jobs) > 2 * p.workers:
-                jobs[0].result()
-                jobs = [j for j in jobs if not j.done()]
-        for job in jobs:
-            job.result()
+            chunk = todo[first:first + CHUNK]
+            step("segment",
+                 lambda: _segment(model, data, chunk, out, p, device, pool, stop, bar),
+                 f"{data.records[chunk[0]].image_id} to {data.records[chunk[-1]].image_id}")
     if p.export_pseudo and not stop.is_set():
-        export_pseudo_labels(model, EvalDataset(params.dataset_dir, params.train.split),
-                             out / "pseudo", device, stop)
+        train_data = EvalDataset(params.dataset_dir, params.train.split)
+        step("export pseudo labels",
+             lambda: export_pseudo_labels(model, train_data, out / "pseudo", device, stop))
     if stop.is_set():
         raise Stopped(f"{out}: stopped by a signal; the images done are kept, run again to resume")
     distributed.barrier()
+
+
+def _segment(model, data: EvalDataset, indices: list[int], out: Path, p: InferParams,
+             device, pool, stop, bar) -> None:
+    """Write the predictions of the images ``indices`` of ``data``, the CRF's on ``pool``;
+    returns once all are written, or after the image at which the Event ``stop`` is set."""
+    jobs = []
+    for i in indices:
+        if stop.is_set():
+            break
+        item = data[i]
+        name = f"{item.image_id}.png"
+        single, probs = segment(model, item.image[None].to(device), p)
+        save_palette_png(single, out / "single" / name)
+        save_palette_png(probs.argmax(0).astype(np.uint8), out / "msf" / name)
+        jobs.append(pool.submit(_crf_job, _rgb(item.image), probs, vars(p.crf), out / "crf" / name))
+        # Bound the queue: each job holds an image's probabilities.
+        while sum(not j.done() for j in jobs) > 2 * p.workers:
+            jobs[0].result()
+            jobs = [j for j in jobs if not j.done()]
+        bar.update()
+    for job in jobs:
+        job.result()
 
 
 def _ignore_interrupts() -> None:

@@ -5,8 +5,8 @@ database under ``PREFECT_HOME`` (``.prefect/`` in the working directory by defau
 ``PREFECT_HOME=.prefect prefect server start`` later shows every run in the UI. That costs a
 server start per command, and the UI is browsable only afterwards; so `make repro` runs
 ``python -m pipeline.prefect_env serve -- dvc repro``, which starts one server on the same
-database for all the stages and stops it at the end, and `make ui` runs
-``python -m pipeline.prefect_env ui``.
+database for all the stages and stops it at the end, and `weclip ui` (`make ui`) serves the
+UI on that database.
 """
 from __future__ import annotations
 
@@ -107,7 +107,5 @@ if __name__ == "__main__":
     match sys.argv[1:]:
         case ["serve", "--", *command] if command:
             sys.exit(serve(command))
-        case ["ui"]:
-            sys.exit(ui())
         case _:
-            sys.exit("usage: python -m pipeline.prefect_env serve -- COMMAND... | ui")
+            sys.exit("usage: python -m pipeline.prefect_env serve -- COMMAND...")

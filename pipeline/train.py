@@ -31,7 +31,7 @@ from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
 
 from . import distributed
-from .common import Stopped, exclusive, score, stop_requests
+from .common import Stopped, exclusive, run_step, score, stop_requests
 from .features import CachedFeatures
 from .params import Params, params_fingerprint
 
@@ -99,11 +99,13 @@ def _gather(obj) -> list:
     return out
 
 
-def train(params: Params, on_log=None, on_eval=None) -> Path:
+def train(params: Params, on_log=None, on_eval=None, step=run_step) -> Path:
     """Train WeCLIP as ``params`` say; resume from ``train.out``/checkpoint.pt when present.
 
     ``on_log(iteration, losses and lr)`` and ``on_eval(iteration, mious)`` are called (on rank 0)
-    after each logged iteration and each periodic evaluation. Returns the path of model.pt.
+    after each logged iteration and each periodic evaluation; ``step`` runs rank 0's steps
+    (building the model, each evaluation, each checkpoint, saving model.pt; see
+    ``common.run_step``). Returns the path of model.pt.
     SIGTERM or SIGINT stop it at the next iteration (under torchrun: the next logged one, where
     the ranks agree) with a checkpoint written, raising ``Stopped``.
     """
@@ -115,10 +117,10 @@ def train(params: Params, on_log=None, on_eval=None) -> Path:
         if distributed.is_main():
             stack.enter_context(exclusive(out))
         stop = stack.enter_context(stop_requests())
-        return _train(params, device, stop, on_log, on_eval)
+        return _train(params, device, stop, on_log, on_eval, step)
 
 
-def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
+def _train(params: Params, device: torch.device, stop, on_log, on_eval, step) -> Path:
     t = params.train
     ranks, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     if t.batch_size % ranks:
@@ -129,13 +131,14 @@ def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
     torch.manual_seed(t.seed)  # the same initial decoder on every rank
     root = params.dataset_dir
     info = read_classes(root)
-    model = create_model(params.model, info).to(device)
+    model = step("build model", lambda: create_model(params.model, info).to(device))
     decoder = model.decoder
     optimizer = build_optimizer(model, t.lr, t.decoder_lr_mult, t.betas, t.weight_decay)
     scheduler = poly_warmup(optimizer, t.iters, t.warmup_iters, t.warmup_ratio, t.power)
-    step = TrainStep(model, optimizer, scheduler, radius=t.radius,
-                     affinity_weight=t.affinity_weight, ignore_index=info.ignore_index, amp=t.amp,
-                     sum_counts=_sum_over_ranks if ranks > 1 else None, ranks=ranks)
+    train_step = TrainStep(model, optimizer, scheduler, radius=t.radius,
+                           affinity_weight=t.affinity_weight, ignore_index=info.ignore_index,
+                           amp=t.amp, sum_counts=_sum_over_ranks if ranks > 1 else None,
+                           ranks=ranks)
 
     checkpoint, start = out / "checkpoint.pt", 0
     fingerprint = params_fingerprint(params, ("data", "model", "train"))
@@ -176,6 +179,15 @@ def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
     batches = _batches(data, t.batch_size, t.seed, start, t.workers, device.type == "cuda")
     evals = {s: EvalDataset(root, s) for s in (t.split, t.val_split)}
 
+    def evaluation(done: int) -> dict:
+        """The row of eval.csv at iteration ``done``."""
+        val_conf = score(model, evals[t.val_split], device, t.eval_images, pseudo=False)
+        row = {"iteration": done, "val_miou": round(100 * mean_iou(val_conf["prediction"]), 2)}
+        if not supervised:  # a model trained on masks makes no pseudo labels
+            train_conf = score(model, evals[t.split], device, t.eval_images, prediction=False)
+            row["train_pseudo_miou"] = round(100 * mean_iou(train_conf["pseudo"]), 2)
+        return row
+
     def save_checkpoint(done: int) -> None:
         rng = _gather(torch.get_rng_state())
         if main:
@@ -187,7 +199,7 @@ def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
     bar = tqdm(range(start, t.iters), initial=start, total=t.iters, desc="train", unit="it",
                disable=not main)
     for it, batch in zip(bar, batches):
-        result = step(batch.to(device), refinement="rfm" if it >= t.rfm_start else "static")
+        result = train_step(batch.to(device), refinement="rfm" if it >= t.rfm_start else "static")
         done = it + 1
         logged = done % t.log_every == 0 or done == t.iters
         if logged:
@@ -208,19 +220,13 @@ def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
             stopping = ranks == 1 and stop.is_set()
         if done % t.eval_every == 0 or done == t.iters:
             if main:
-                val_conf = score(model, evals[t.val_split], device, t.eval_images, pseudo=False)
-                row = {"iteration": done,
-                       "val_miou": round(100 * mean_iou(val_conf["prediction"]), 2)}
-                if not supervised:  # a model trained on masks makes no pseudo labels
-                    train_conf = score(model, evals[t.split], device, t.eval_images,
-                                       prediction=False)
-                    row["train_pseudo_miou"] = round(100 * mean_iou(train_conf["pseudo"]), 2)
+                row = step("evaluate", lambda: evaluation(done), f"iteration {done}")
                 _append_csv(out / "eval.csv", EVAL_COLUMNS, row)
                 if on_eval:
                     on_eval(done, row)
             distributed.barrier()  # the other ranks wait for rank 0's evaluation
         if stopping or done % t.checkpoint_every == 0 or done == t.iters:
-            save_checkpoint(done)
+            step("checkpoint", lambda: save_checkpoint(done), f"iteration {done}")
         if stopping and done < t.iters:
             bar.close()
             raise Stopped(f"{out}: stopped by a signal after iteration {done} of {t.iters}, "
@@ -229,12 +235,12 @@ def _train(params: Params, device: torch.device, stop, on_log, on_eval) -> Path:
     model.decoder = decoder
     final = out / "model.pt"
     if main:
-        save_model(model, final)
+        step("save model", lambda: save_model(model, final))
     distributed.barrier()
     return final
 
 
-def train_upper_bound(params: Params, on_log=None, on_eval=None) -> Path | None:
+def train_upper_bound(params: Params, on_log=None, on_eval=None, step=run_step) -> Path | None:
     """The upper-bound stage: the same decoder trained on ground-truth masks into
     ``upper_bound.out`` when ``upper_bound.enabled``; otherwise that folder holds only a note
     (DVC always has the stage) and None is returned."""
@@ -248,4 +254,4 @@ def train_upper_bound(params: Params, on_log=None, on_eval=None) -> Path | None:
     skipped.unlink(missing_ok=True)
     supervised = replace(params, train=replace(params.train, supervision="masks",
                                                features="online", out=str(out)))
-    return train(supervised, on_log, on_eval)
+    return train(supervised, on_log, on_eval, step)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny open_clip ViT (random weights) registered as 'WeCLIP-Test-Tiny'."""
+"""Shared fixtures: a tiny open_clip ViT (random weights) registered as 'WeCLIP-Test-Tiny', a
+Prefect server, a local file server."""
 import json
 import os
 import warnings
@@ -51,6 +52,17 @@ def tiny_model(tiny_config):
     torch.manual_seed(0)
     classes = ClassInfo("toy", ["cat", "dog", "car"], ["cat", "dog", "car"], ["grass", "sky"])
     return create_model(tiny_config, classes)
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A Prefect server for the session on a throwaway database; yields its API address, for
+    the PREFECT_API_URL of the processes a test starts."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield PREFECT_API_URL.value()
 
 
 @pytest.fixture

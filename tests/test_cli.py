@@ -1,5 +1,5 @@
 """The `weclip` commands run each stage as a completed Prefect flow, on params.yaml, and report
-what it did through the Prefect API: run names, log lines, artifacts, state messages."""
+what it did through the Prefect API: run names, tasks, log lines, artifacts, state messages."""
 import json
 import os
 import re
@@ -14,19 +14,9 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 
 
-@pytest.fixture(scope="module")
-def prefect_server():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def test_stages_run_as_prefect_flows_that_report_what_they_did(prefect_server, tmp_path):
     """Each stage in its own process, as `dvc repro` runs them, reporting to one server; train
     as 2 processes (train.nproc), of which rank 0 alone reports."""
-    from prefect.settings import PREFECT_API_URL
-
     params = {
         "data": {"dataset": "world", "world": {"image_size": 64, "n_pretrain": 0, "n_train": 4,
                                                "n_val": 2}},
@@ -38,7 +28,7 @@ def test_stages_run_as_prefect_flows_that_report_what_they_did(prefect_server, t
         "evaluate": {"train_images": 2, "qualitative": 1},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
     for stage in ("prepare", "cache", "train", "infer", "evaluate"):
         result = subprocess.run([sys.executable, "-m", "pipeline.cli", stage, "--tag", "test"],
                                 cwd=tmp_path, env=env, capture_output=True, text=True)
@@ -58,7 +48,8 @@ def test_stages_run_as_prefect_flows_that_report_what_they_did(prefect_server, t
 
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterFlowRunId,
-                                                LogFilter, LogFilterFlowRunId)
+                                                FlowRunFilter, FlowRunFilterId, LogFilter,
+                                                LogFilterFlowRunId)
 
     with get_client(sync_client=True) as client:
         runs = {client.read_flow(r.flow_id).name: r
@@ -68,9 +59,24 @@ def test_stages_run_as_prefect_flows_that_report_what_they_did(prefect_server, t
                 for stage, run in runs.items()}
         artifacts = {a.key: a for a in client.read_artifacts(artifact_filter=ArtifactFilter(
             flow_run_id=ArtifactFilterFlowRunId(any_=[runs["train"].id])))}
+        tasks = {stage: client.read_task_runs(flow_run_filter=FlowRunFilter(
+                     id=FlowRunFilterId(any_=[run.id])))
+                 for stage, run in runs.items()}
     assert {s: r.state.type.value for s, r in runs.items()} == {
         s: "COMPLETED" for s in ("prepare", "cache", "train", "infer", "evaluate")}
     assert {s: set(r.tags) for s, r in runs.items()} == {s: {f"stage:{s}", "test"} for s in runs}
+
+    # Each stage's steps are its tasks, in the order they ran.
+    assert {s: {t.state.type.value for t in ts} for s, ts in tasks.items() if ts} == {
+        s: {"COMPLETED"} for s in ("train", "infer", "evaluate")}
+    steps = {s: [t.name for t in sorted(ts, key=lambda t: t.start_time)] for s, ts in tasks.items()}
+    assert steps["prepare"] == steps["cache"] == []
+    assert steps["train"] == ["build model", "checkpoint · iteration 1", "evaluate · iteration 2",
+                              "checkpoint · iteration 2", "save model"]
+    val_ids = sorted(p.stem for p in (tmp_path / "runs" / "infer" / "crf").glob("*.png"))
+    assert steps["infer"] == [f"segment · {val_ids[0]} to {val_ids[1]}", "export pseudo labels"]
+    assert steps["evaluate"] == ["score CAM steps · split train", "score predictions · split val",
+                                 "attention diagnostics", "write reports"]
 
     # Named by what ran: the stage, the dataset, and (outside a DVC experiment) a digest of
     # the parameters, the same for every stage of one pipeline run.
@@ -121,10 +127,9 @@ def test_one_server_serves_a_whole_command_and_stops_after_it(tmp_path):
 
 def test_a_failed_stage_ends_in_one_line_and_is_recorded_as_a_failed_run(prefect_server, tmp_path):
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL
 
     (tmp_path / "params.yaml").write_text("{}\n")  # nothing trained or prepared here
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
     result = subprocess.run([sys.executable, "-m", "pipeline.cli", "infer", "--tag", "failing"],
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 1

@@ -3,6 +3,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import open_clip
@@ -106,10 +107,21 @@ def test_local_device_is_this_ranks_gpu_under_the_launcher(monkeypatch):
     assert distributed.local_device("cpu") == torch.device("cpu")
 
 
-def test_the_launch_command_starts_nproc_processes():
-    result = subprocess.run(distributed.launch_command(2, ["platform"]), capture_output=True,
-                            text=True, check=True, timeout=120)
-    assert len(result.stdout.splitlines()) == 2  # `python -m platform` prints one line
+def test_launch_starts_nproc_processes_and_returns_the_failed_ones(tmp_path):
+    # Each process: python -m <a module of tmp_path> that writes its rank, and rank 1 fails.
+    (tmp_path / "ranked.py").write_text(
+        "import os, pathlib, sys\n"
+        "pathlib.Path(sys.argv[1], os.environ['RANK']).write_text(os.environ['WORLD_SIZE'])\n"
+        "sys.exit(3 if os.environ['RANK'] == '1' else 0)\n")
+    code = ("from pipeline.distributed import launch; "
+            f"print(launch(2, ['ranked', {str(tmp_path / 'out')!r}]))")
+    (tmp_path / "out").mkdir()
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert result.stdout.strip() == "{1: 3}", result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["0", "1"]
+    assert (tmp_path / "out" / "0").read_text() == "2"
+    assert "ChildFailedError" not in result.stderr  # the caller reports the failure
 
 
 @pytest.fixture

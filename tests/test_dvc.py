@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The module that holds each stage's logic (pipeline/flows.py and pipeline/cli.py only run
 # and report it).
 STAGE_MODULES = {"prepare": "pipeline.prepare", "cache": "pipeline.cache",
-                 "train": "pipeline.train", "upper_bound": "pipeline.train",
+                 "train": "pipeline.train", "upper-bound": "pipeline.train",
                  "infer": "pipeline.infer", "evaluate": "pipeline.evaluate"}
 
 
@@ -69,3 +69,16 @@ def test_the_import_walk_follows_relative_imports_and_packages():
     assert {"pipeline.infer", "pipeline.distributed", "weclip", "weclip.crf",
             "weclip.model"} <= found
     assert "pipeline.train" not in found
+
+
+def test_every_stage_is_named_as_the_command_it_runs():
+    """One name per stage everywhere: the DVC stage, the `weclip` command, the Prefect flow
+    and its tag `stage:<name>`."""
+    from pipeline import cli
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = {c.name or c.callback.__name__.replace("_", "-")
+                for c in cli.app.registered_commands}
+    for name, stage in stages.items():
+        assert stage["cmd"].split()[:2] == ["weclip", name]
+        assert name in commands

@@ -1,11 +1,13 @@
 """Parameters are checked before any work starts: a wrong value is refused in one line that
 names its key, the value and what is allowed, and the command line ends with that line."""
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -136,8 +138,8 @@ def test_the_shipped_weights_are_found_from_any_folder(tmp_path, monkeypatch):
     assert load_params(ROOT / "params.yaml", needs=["model.weights"]).model.weights
 
 
-def weclip(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd,
+def weclip(*args: str, cwd: Path, env=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True)
 
 
@@ -170,3 +172,19 @@ def test_an_override_without_a_value_is_refused(tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["train", "-S", "train.iters"])
     assert result.exit_code == 1
     assert result.stderr.splitlines()[-1] == "error: --set 'train.iters': expected key=value"
+
+
+def test_a_failure_in_the_processes_of_nproc_ends_in_its_one_line_once(tmp_path, prefect_server):
+    params = {"data": {"dataset": "world", "world": {"image_size": 64, "n_pretrain": 0,
+                                                     "n_train": 1, "n_val": 1}},
+              "model": {"arch": "ViT-Tiny-8-128", "weights": None},
+              "train": {"split": "train", "batch_size": 2, "crop_size": 64, "nproc": 2}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    assert weclip("prepare", cwd=tmp_path, env=env).returncode == 0
+    result = weclip("train", cwd=tmp_path, env=env)  # each process finds too few images
+    message = "error: data/prepared/world: split 'train' has 1 images, fewer than a batch"
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1] == message
+    assert result.stderr.count("error: ") == 1
+    assert "Traceback" not in result.stderr and "ChildFailedError" not in result.stderr

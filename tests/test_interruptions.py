@@ -3,22 +3,29 @@ unfinished step, a rerun ends as an uninterrupted run, and two runs never share 
 import json
 import os
 import pickle
+import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
+import yaml
+import zarr
+from PIL import Image
 
 from test_train import read_rows, toy_dataset, toy_params  # noqa: F401 (a fixture)
 
-RUNNER = """
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent  # dvc and weclip of this environment
+
+STAGE = """
 import pickle, sys
-import open_clip
-open_clip.add_model_config(sys.argv[1])
 params = pickle.load(open(sys.argv[2], "rb"))
 from pipeline import {stage} as module
 module.{stage}(params)
@@ -26,18 +33,29 @@ module.{stage}(params)
 
 
 @pytest.fixture
-def run_stage(tiny_arch, tmp_path):
-    """Start a stage on params in a fresh process, as the CLI's ranks do (without Prefect)."""
+def run_python(tiny_arch, tmp_path):
+    """Start Python ``code`` with ``args`` (sys.argv[2:]) in a fresh process that knows the tiny
+    architecture, as the CLI's ranks run a stage (without Prefect)."""
     configs = tmp_path / "model_configs"
     configs.mkdir()
     (configs / f"{tiny_arch}.json").write_text(json.dumps(open_clip.get_model_config(tiny_arch)))
 
+    def start(code, *args):
+        code = f"import sys, open_clip\nopen_clip.add_model_config(sys.argv[1])\n{code}"
+        return subprocess.Popen([sys.executable, "-c", code, str(configs), *map(str, args)],
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    return start
+
+
+@pytest.fixture
+def run_stage(run_python, tmp_path):
+    """Start the function ``stage`` of pipeline.<stage> on params in a fresh process."""
     def start(stage, params):
         path = tmp_path / f"params-{time.monotonic_ns()}.pkl"
         path.write_bytes(pickle.dumps(params))
-        return subprocess.Popen([sys.executable, "-c", RUNNER.format(stage=stage), str(configs),
-                                 str(path)], stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        return run_python(STAGE.format(stage=stage), path)
 
     return start
 
@@ -130,3 +148,95 @@ def test_inference_killed_mid_split_resumes_to_the_same_files(run_stage, long_pa
     whole, killed = files(tmp_path / "whole"), files(tmp_path / "killed")
     assert {k: v for k, v in whole.items() if k != "fingerprint.txt"} == {
         k: v for k, v in killed.items() if k != "fingerprint.txt"}
+
+
+CACHE = """
+from pipeline.cache import write_cache
+from weclip.backbone import FrozenCLIP
+backbone = FrozenCLIP.from_config(sys.argv[2], sys.argv[3])
+write_cache(backbone, sys.argv[4], "train", sys.argv[5], size=64, batch_size=1, shard_size=2,
+            progress=False)
+"""
+
+
+def test_cache_killed_at_random_points_resumes_to_the_same_store(
+        run_python, toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+    from weclip.dataset import Record, read_classes, read_manifest, write_dataset
+
+    root = toy_dataset / "prepared" / "toy"
+    records = read_manifest(root)
+    for i in range(8, 24):  # 22 train images in all: 11 shards of 2
+        Image.open(root / f"{i % 6}.png").rotate(90 * (i // 6)).save(root / f"{i}.png")
+        records.append(Record(str(i), root / f"{i}.png", None, "train", [1 + i % 2]))
+    write_dataset(root, read_classes(root), records)
+
+    def cache(out):
+        return run_python(CACHE, tiny_arch, tiny_clip_weights, root, out)
+
+    assert cache(tmp_path / "whole.zarr").wait(timeout=300) == 0, "the uninterrupted run"
+    whole = zarr.open_group(tmp_path / "whole.zarr")
+    arrays = {name: whole[name][:] for name in ("images", "tokens", "attn", "labels")}
+    chunks = tmp_path / "killed.zarr" / "done" / "c"
+    draw = random.Random(0)
+    for shards in (1, 4, 8):  # killed after that many shards are done, plus a random delay
+        process = cache(tmp_path / "killed.zarr")
+        while process.poll() is None and len(list(chunks.glob("*"))) < shards:
+            time.sleep(0.001)
+        time.sleep(draw.uniform(0, 0.02))
+        process.kill()
+        process.wait()
+        # What the store says is done is whole and right: no torn write is ever counted.
+        killed = zarr.open_group(tmp_path / "killed.zarr")
+        done = killed["done"][:]
+        assert done.any() and not done.all()
+        for name, expected in arrays.items():
+            np.testing.assert_array_equal(killed[name][:][done], expected[done])
+    assert cache(tmp_path / "killed.zarr").wait(timeout=300) == 0
+    resumed = zarr.open_group(tmp_path / "killed.zarr")
+    for name, expected in arrays.items():
+        np.testing.assert_array_equal(resumed[name][:], expected)
+    assert resumed["done"][:].all() and dict(resumed.attrs) == dict(whole.attrs)
+
+
+def dvc_project(folder: Path) -> Path:
+    """A DVC project with this project's pipeline and code, on the world recipe made tiny."""
+    folder.mkdir()
+    for name in ("pipeline", "weclip"):
+        shutil.copytree(ROOT / name, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", folder)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"]["world"].update(image_size=64, n_train=4, n_val=2)
+    params["train"].update(iters=8, rfm_start=4, batch_size=2, crop_size=64, workers=0,
+                           log_every=1, checkpoint_every=2, eval_every=4, eval_images=2)
+    params["infer"].update(long_side=64, workers=1)
+    params["upper_bound"]["enabled"] = False
+    params["evaluate"].update(train_images=2, qualitative=1)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    subprocess.run([BIN / "dvc", "init", "--no-scm", "-q"], cwd=folder, check=True)
+    return folder
+
+
+def test_a_dvc_repro_killed_during_training_ends_as_an_unbroken_one(prefect_server, tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+           "PREFECT_API_URL": prefect_server, "OMP_NUM_THREADS": "1"}
+
+    def repro(project):
+        with open(project / "repro.log", "a") as log:
+            return subprocess.Popen(["dvc", "repro"], cwd=project, env=env, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+
+    def finished(process, project):
+        assert process.wait(timeout=600) == 0, (project / "repro.log").read_text()[-3000:]
+
+    whole = dvc_project(tmp_path / "whole")
+    finished(repro(whole), whole)
+
+    killed = dvc_project(tmp_path / "killed")
+    process = repro(killed)
+    wait_for_rows(process, killed / "runs" / "train" / "losses.csv", 3, timeout=600)
+    os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs, as a lost job
+    process.wait()
+    assert not (killed / "runs" / "train" / "model.pt").exists(), "killed during training"
+    finished(repro(killed), killed)
+    for name in ("reports/metrics.json", "runs/train/eval.csv", "runs/train/losses.csv"):
+        assert (killed / name).read_text() == (whole / name).read_text(), name
