@@ -2,9 +2,10 @@
 
 The ablation runs on ``evaluate.pseudo_split`` (VOC's own train list, as the paper scores it):
 the initial Grad-CAM, the statically refined CAM, the RFM-refined CAM (each as background =
-1 - max, argmax, no PAR), and the pseudo labels (RFM + PAR). The predictions of the infer stage are scored on ``infer.split``:
-single scale, multi-scale + flip, and with DenseCRF (the final result); with
-``upper_bound.enabled``, also the single-scale prediction of the decoder trained on masks.
+1 - max, argmax, no PAR), and the pseudo labels (RFM + PAR). The predictions of the infer stage
+are scored on ``infer.split``: single scale, multi-scale + flip, and with DenseCRF (the final
+result); with ``upper_bound.enabled``, also the single-scale prediction of the decoder trained
+on masks.
 ``attention`` in diagnostics.json (beside metrics.json, which keeps the headline mIoUs only) says
 how much of the backbone's attention stays within objects and within the background, which is
 what the static and RFM refinements rely on.
@@ -111,7 +112,6 @@ def evaluate(params: Params, model_path: str | Path | None = None, step=run_step
     writing of the reports (``common.run_step``)."""
     model_path = model_path or Path(params.train.out) / "model.pt"
     e, root = params.evaluate, params.dataset_dir
-    out = Path(e.out)
     info = read_classes(root)
     device = distributed.local_device(params.infer.device)
     model = load_model(model_path, device)
