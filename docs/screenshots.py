@@ -61,9 +61,8 @@ def run(work: Path, ui: str) -> None:
     while train.poll() is None and not (evaluations.exists()
                                         and len(evaluations.read_text().splitlines()) >= 3):
         time.sleep(1)
-    run_id = flow_run_id("train")
-    shoot(f"{ui}/runs/flow-run/{run_id}", "prefect-train-running.png")
-    shoot(f"{ui}/artifacts/artifact/{latest_artifact_id('train-evaluation')}",
+    shoot(f"{ui}/runs/flow-run/{latest_id('flow', 'train')}", "prefect-train-running.png")
+    shoot(f"{ui}/artifacts/artifact/{latest_id('artifact', 'train-evaluation')}",
           "prefect-train-evaluation.png")
     if train.wait() != 0:
         sys.exit("error: the train stage failed")
@@ -71,35 +70,27 @@ def run(work: Path, ui: str) -> None:
     for stage in ("infer", "evaluate"):
         subprocess.run([*weclip, stage], cwd=work, check=True)
     shoot(f"{ui}/runs", "prefect-runs.png")
-    shoot(f"{ui}/runs/flow-run/{flow_run_id('evaluate')}", "prefect-evaluate.png")
-    shoot(f"{ui}/artifacts/artifact/{latest_artifact_id('iou')}", "prefect-iou.png")
+    shoot(f"{ui}/runs/flow-run/{latest_id('flow', 'evaluate')}", "prefect-evaluate.png")
+    shoot(f"{ui}/artifacts/artifact/{latest_id('artifact', 'iou')}", "prefect-iou.png")
     shutil.rmtree(work)
 
 
-def flow_run_id(flow_name: str) -> str:
-    """The id of the latest run of the flow ``flow_name``."""
+def latest_id(kind: str, name: str) -> str:
+    """The id of the latest run of the flow ``name`` (``kind`` 'flow') or of the latest version
+    of the artifact ``name`` (``kind`` 'artifact')."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
-    from prefect.client.schemas.sorting import FlowRunSort
+    from prefect.client.schemas import filters, sorting
 
     with get_client(sync_client=True) as client:
-        (latest,) = client.read_flow_runs(
-            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
-            sort=FlowRunSort.START_TIME_DESC, limit=1)
-    return str(latest.id)
-
-
-def latest_artifact_id(key: str) -> str:
-    """The id of the latest version of the artifact ``key``."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        (latest,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            sort=ArtifactSort.CREATED_DESC, limit=1)
-    return str(latest.id)
+        if kind == "flow":
+            found = client.read_flow_runs(
+                flow_filter=filters.FlowFilter(name=filters.FlowFilterName(any_=[name])),
+                sort=sorting.FlowRunSort.START_TIME_DESC, limit=1)
+        else:
+            found = client.read_artifacts(
+                artifact_filter=filters.ArtifactFilter(key=filters.ArtifactFilterKey(any_=[name])),
+                sort=sorting.ArtifactSort.CREATED_DESC, limit=1)
+    return str(found[0].id)
 
 
 def shoot(url: str, name: str, size: str = "1600,1000") -> None:

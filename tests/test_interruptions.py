@@ -127,9 +127,46 @@ def test_a_second_run_on_the_same_folder_is_refused(run_stage, long_params, tmp_
         pass
 
 
-def test_inference_killed_mid_split_resumes_to_the_same_files(run_stage, long_params, tmp_path):
+def add_images(root: Path, split: str, count: int) -> None:
+    """``count`` more images of ``split`` in the toy dataset at ``root``: its images turned."""
+    from weclip.dataset import Record, read_classes, read_manifest, write_dataset
+
+    records = read_manifest(root)
+    sources = [r for r in records if r.split == split]
+    for i in range(count):
+        source = sources[i % len(sources)]
+        turns = 1 + i // len(sources) % 3
+        image_id = f"{split}-{i}"
+        Image.open(source.image).rotate(90 * turns).save(root / f"{image_id}.png")
+        mask = None
+        if source.mask:
+            mask = root / f"{image_id}_mask.png"
+            Image.open(source.mask).rotate(90 * turns).save(mask)
+        records.append(Record(image_id, root / f"{image_id}.png", mask, split, source.labels))
+    write_dataset(root, read_classes(root), records)
+
+
+def kill_at_random_points(start, progress, points, seed=0):
+    """Start a run and kill -9 it once ``progress()`` reaches each of ``points``, plus a random
+    delay of up to 20 ms; yields after each kill, for the caller to check what the run left."""
+    draw = random.Random(seed)
+    for point in points:
+        process = start()
+        while process.poll() is None and progress() < point:
+            time.sleep(0.001)
+        time.sleep(draw.uniform(0, 0.02))
+        process.kill()
+        process.wait()
+        yield
+
+
+def test_inference_killed_at_random_points_resumes_to_the_same_files(
+        run_stage, long_params, toy_dataset, tmp_path):
     from test_distributed import files
 
+    from weclip.dataset import load_mask
+
+    add_images(toy_dataset / "prepared" / "toy", "val", 10)  # 12 val images
     params = long_params(tmp_path / "run")
     params.train.iters, params.infer.long_side, params.infer.workers = 1, 64, 1
     assert run_stage("train", params).wait(timeout=300) == 0
@@ -139,15 +176,15 @@ def test_inference_killed_mid_split_resumes_to_the_same_files(run_stage, long_pa
         return pickle.loads(pickle.dumps(params))
 
     assert run_stage("infer", infer_params(tmp_path / "whole")).wait(timeout=300) == 0
-    process = run_stage("infer", infer_params(tmp_path / "killed"))
-    while process.poll() is None and not list((tmp_path / "killed").rglob("*.png")):
-        time.sleep(0.05)
-    process.kill()
-    process.wait()
-    assert run_stage("infer", infer_params(tmp_path / "killed")).wait(timeout=300) == 0
-    whole, killed = files(tmp_path / "whole"), files(tmp_path / "killed")
+    killed = tmp_path / "killed"
+    for _ in kill_at_random_points(lambda: run_stage("infer", infer_params(killed)),
+                                   lambda: len(list(killed.glob("crf/*.png"))), (1, 4, 8)):
+        for png in killed.rglob("*.png"):  # every file there is whole
+            load_mask(png)
+    assert run_stage("infer", infer_params(killed)).wait(timeout=300) == 0
+    whole, resumed = files(tmp_path / "whole"), files(killed)
     assert {k: v for k, v in whole.items() if k != "fingerprint.txt"} == {
-        k: v for k, v in killed.items() if k != "fingerprint.txt"}
+        k: v for k, v in resumed.items() if k != "fingerprint.txt"}
 
 
 CACHE = """
@@ -161,14 +198,8 @@ write_cache(backbone, sys.argv[4], "train", sys.argv[5], size=64, batch_size=1, 
 
 def test_cache_killed_at_random_points_resumes_to_the_same_store(
         run_python, toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
-    from weclip.dataset import Record, read_classes, read_manifest, write_dataset
-
     root = toy_dataset / "prepared" / "toy"
-    records = read_manifest(root)
-    for i in range(8, 24):  # 22 train images in all: 11 shards of 2
-        Image.open(root / f"{i % 6}.png").rotate(90 * (i // 6)).save(root / f"{i}.png")
-        records.append(Record(str(i), root / f"{i}.png", None, "train", [1 + i % 2]))
-    write_dataset(root, read_classes(root), records)
+    add_images(root, "train", 16)  # 22 train images: 11 shards of 2
 
     def cache(out):
         return run_python(CACHE, tiny_arch, tiny_clip_weights, root, out)
@@ -176,23 +207,17 @@ def test_cache_killed_at_random_points_resumes_to_the_same_store(
     assert cache(tmp_path / "whole.zarr").wait(timeout=300) == 0, "the uninterrupted run"
     whole = zarr.open_group(tmp_path / "whole.zarr")
     arrays = {name: whole[name][:] for name in ("images", "tokens", "attn", "labels")}
-    chunks = tmp_path / "killed.zarr" / "done" / "c"
-    draw = random.Random(0)
-    for shards in (1, 4, 8):  # killed after that many shards are done, plus a random delay
-        process = cache(tmp_path / "killed.zarr")
-        while process.poll() is None and len(list(chunks.glob("*"))) < shards:
-            time.sleep(0.001)
-        time.sleep(draw.uniform(0, 0.02))
-        process.kill()
-        process.wait()
+    killed = tmp_path / "killed.zarr"
+    for _ in kill_at_random_points(lambda: cache(killed),
+                                   lambda: len(list(killed.glob("done/c/*"))), (1, 4, 8)):
         # What the store says is done is whole and right: no torn write is ever counted.
-        killed = zarr.open_group(tmp_path / "killed.zarr")
-        done = killed["done"][:]
+        store = zarr.open_group(killed)
+        done = store["done"][:]
         assert done.any() and not done.all()
         for name, expected in arrays.items():
-            np.testing.assert_array_equal(killed[name][:][done], expected[done])
-    assert cache(tmp_path / "killed.zarr").wait(timeout=300) == 0
-    resumed = zarr.open_group(tmp_path / "killed.zarr")
+            np.testing.assert_array_equal(store[name][:][done], expected[done])
+    assert cache(killed).wait(timeout=300) == 0
+    resumed = zarr.open_group(killed)
     for name, expected in arrays.items():
         np.testing.assert_array_equal(resumed[name][:], expected)
     assert resumed["done"][:].all() and dict(resumed.attrs) == dict(whole.attrs)
