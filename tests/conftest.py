@@ -19,10 +19,17 @@ TINY_CONFIG = {
 
 
 @pytest.fixture(scope="session")
-def tiny_arch(tmp_path_factory):
+def tiny_arch_configs(tmp_path_factory):
+    """A folder holding the tiny architecture's config alone: what a process the tests start
+    passes to ``open_clip.add_model_config`` to know it."""
     folder = tmp_path_factory.mktemp("model_configs")
     (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_arch(tiny_arch_configs):
+    open_clip.add_model_config(tiny_arch_configs)
     return TINY
 
 

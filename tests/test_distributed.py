@@ -125,13 +125,10 @@ def test_launch_starts_nproc_processes_and_returns_the_failed_ones(tmp_path):
 
 
 @pytest.fixture
-def cache_args(dataset, tiny_arch, tiny_clip_weights, tmp_path):
+def cache_args(dataset, tiny_arch_configs, tiny_clip_weights):
     """``_write_cache``'s arguments but the store: the tiny CLIP's config folder and weights,
     and the dataset."""
-    configs = tmp_path / "model_configs"
-    configs.mkdir()
-    (configs / f"{tiny_arch}.json").write_text(json.dumps(open_clip.get_model_config(tiny_arch)))
-    return configs, tiny_clip_weights, dataset
+    return tiny_arch_configs, tiny_clip_weights, dataset
 
 
 def test_two_ranks_write_the_same_cache_as_one_and_resume_it(cache_args, tmp_path):
@@ -186,12 +183,9 @@ def _infer(configs, params):
 
 
 @pytest.fixture
-def train_setup(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+def train_setup(toy_dataset, tiny_arch, tiny_arch_configs, tiny_clip_weights):
     """A function of the run folder giving the toy training's params (global batch 4, no
     dropout: the one random draw a rank makes on its own), and the tiny CLIP's config folder."""
-    configs = tmp_path / "model_configs"
-    configs.mkdir()
-    (configs / f"{tiny_arch}.json").write_text(json.dumps(open_clip.get_model_config(tiny_arch)))
 
     def params(out, **train):
         p = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, out, batch_size=4,
@@ -199,7 +193,7 @@ def train_setup(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
         p.model.dropout = 0.0
         return p
 
-    return params, configs
+    return params, tiny_arch_configs
 
 
 def decoder_of(run):

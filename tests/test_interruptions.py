@@ -1,6 +1,5 @@
 """Stopping a stage: a signal stops it cleanly with its progress saved, kill -9 loses only the
 unfinished step, a rerun ends as an uninterrupted run, and two runs never share a folder."""
-import json
 import os
 import pickle
 import random
@@ -12,7 +11,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pytest
 import torch
 import yaml
@@ -33,16 +31,13 @@ module.{stage}(params)
 
 
 @pytest.fixture
-def run_python(tiny_arch, tmp_path):
+def run_python(tiny_arch_configs):
     """Start Python ``code`` with ``args`` (sys.argv[2:]) in a fresh process that knows the tiny
     architecture, as the CLI's ranks run a stage (without Prefect)."""
-    configs = tmp_path / "model_configs"
-    configs.mkdir()
-    (configs / f"{tiny_arch}.json").write_text(json.dumps(open_clip.get_model_config(tiny_arch)))
-
     def start(code, *args):
         code = f"import sys, open_clip\nopen_clip.add_model_config(sys.argv[1])\n{code}"
-        return subprocess.Popen([sys.executable, "-c", code, str(configs), *map(str, args)],
+        return subprocess.Popen([sys.executable, "-c", code, str(tiny_arch_configs),
+                                 *map(str, args)],
                                 stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from weclip import ClassInfo, create_model, load_model, save_model
+from weclip import create_model, load_model, save_model
 from weclip.dataset import Batch
 from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
