@@ -11,7 +11,7 @@ the others wait; every rank returns only once all shards are written.
 from __future__ import annotations
 
 import shutil
-from contextlib import nullcontext
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +20,19 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from weclip.backbone import FrozenCLIP
-from weclip.factory import resolve_weights
-from weclip.dataset import load_image, multi_hot, read_classes, read_manifest
+from weclip.contract import multi_hot, read_classes, read_manifest
+from weclip.images import load_image
 
 from . import distributed
-from .common import Stopped, exclusive, run_step, stop_requests
 from .features import FORMAT, backbone_attributes, create_store, open_store
 from .params import Params
+from .stage import Stopped, discard_stale, run_step, stage
 
 
 def cache(params: Params, step=run_step) -> Path:
     """The stage: write ``cache.path`` when ``train.features`` is 'cache'; otherwise leave only
     a note there (DVC always has the stage). Returns the store's path. ``step`` runs the
-    writing of each shard (``common.run_step``)."""
+    writing of each shard (``stage.run_step``)."""
     path = Path(params.cache.path)
     skipped = path / "SKIPPED"
     if params.train.features != "cache":
@@ -40,16 +40,13 @@ def cache(params: Params, step=run_step) -> Path:
             path.mkdir(parents=True, exist_ok=True)
             skipped.write_text("train.features is 'online': no feature cache is needed\n")
         return path
-    device = distributed.local_device(params.cache.device)
-    distributed.init(device)
-    if skipped.exists() and distributed.is_main():
-        shutil.rmtree(path)
-    m = params.model
-    backbone = FrozenCLIP.from_config(m.arch, resolve_weights(m.weights), m.normalization)
-    with exclusive(path) if distributed.is_main() else nullcontext():
+    with stage(path, params.cache.device) as run:
+        if skipped.exists() and distributed.is_main():
+            shutil.rmtree(path)
+        backbone = FrozenCLIP.from_config(params.model)
         return write_cache(backbone, params.dataset_dir, params.train.split, path,
                            size=params.train.crop_size, batch_size=params.cache.batch_size,
-                           device=device, step=step)
+                           device=run.device, step=step, stop=run.stop)
 
 
 def fixed_view(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -64,14 +61,15 @@ def fixed_view(image: torch.Tensor, size: int) -> torch.Tensor:
 def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
                 out_path: str | Path, *, size: int, batch_size: int = 8,
                 device: str | torch.device = "cpu", progress: bool = True,
-                shard_size: int = 64, overwrite: bool = False, step=run_step) -> Path:
+                shard_size: int = 64, step=run_step, stop: threading.Event | None = None) -> Path:
     """Cache the backbone's features of every image of ``split`` at ``out_path``; returns it.
 
-    Resumes a store with the same attributes, skipping its finished rows. A store made with
-    other settings (size, backbone, split contents...) is refused, or rebuilt if ``overwrite``.
-    The backbone is moved to ``device``; it runs ``batch_size`` images at a time, and one shard
-    of features (``shard_size`` images) is held in memory before it is written, by a ``step``
-    (``common.run_step``) of its own.
+    Resumes a store with the same attributes, skipping its finished rows; a store made with
+    other settings (size, backbone, split contents...) is discarded and made afresh. The
+    backbone is moved to ``device``; it runs ``batch_size`` images at a time, and one shard of
+    features (``shard_size`` images) is held in memory before it is written, by a ``step``
+    (``stage.run_step``) of its own. When the Event ``stop`` is set, it stops after the current
+    shard, raising ``Stopped``.
     """
     out_path = Path(out_path)
     info = read_classes(dataset_root)
@@ -86,14 +84,10 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
     if distributed.is_main():  # the other ranks wait at the barrier for the store it checks
         if out_path.exists():
             existing = open_store(out_path).attrs
-            differing = [k for k, v in attributes.items() if existing.get(k) != v]
-            if differing and not overwrite:
-                raise ValueError(f"{out_path}: existing feature cache was made with other "
-                                 f"{', '.join(differing)}; delete it or pass overwrite=True")
-            if differing:
-                shutil.rmtree(out_path)
+            if any(existing.get(k) != v for k, v in attributes.items()):
+                discard_stale(out_path, "feature cache")
         if not out_path.exists():
-            labels = np.stack([multi_hot(r.labels, len(info.classes)).numpy() for r in records])
+            labels = np.array([multi_hot(r.labels, len(info.classes)) for r in records])
             create_store(out_path, attributes, labels.astype(np.uint8), backbone.depth,
                          backbone.width, shard_size)
     distributed.barrier()
@@ -104,33 +98,31 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
     mine = [(start, min(start + shard, len(records)))
             for start in distributed.shard(range(0, len(records), shard))]
     # Only this rank's chunks of ``done`` are read: other ranks may be writing theirs.
-    todo = [(start, stop) for start, stop in mine if not group["done"][start:stop].all()]
-    total = sum(stop - start for start, stop in mine)
-    left = sum(stop - start for start, stop in todo)
+    todo = [(start, end) for start, end in mine if not group["done"][start:end].all()]
+    total = sum(end - start for start, end in mine)
+    left = sum(end - start for start, end in todo)
     share = " (rank 0's share)" if distributed.world_size() > 1 else ""
 
-    def write_shard(start: int, stop: int, bar) -> None:
-        views = torch.stack([fixed_view(load_image(r.image), size) for r in records[start:stop]])
+    def write_shard(start: int, end: int, bar) -> None:
+        views = torch.stack([fixed_view(load_image(r.image), size) for r in records[start:end]])
         tokens, attn = [], []
         for batch in views.split(batch_size):
             features = backbone(backbone.normalize(batch.to(device)))
             tokens.append(features.tokens.half().cpu())
             attn.append(features.attn.half().cpu())
             bar.update(len(batch))
-        group["images"][start:stop] = views.numpy()
-        group["tokens"][start:stop] = torch.cat(tokens).numpy()
-        group["attn"][start:stop] = torch.cat(attn).numpy()
-        group["done"][start:stop] = True  # last: the rows count only once all is written
+        group["images"][start:end] = views.numpy()
+        group["tokens"][start:end] = torch.cat(tokens).numpy()
+        group["attn"][start:end] = torch.cat(attn).numpy()
+        group["done"][start:end] = True  # last: the rows count only once all is written
 
-    with (tqdm(total=total, initial=total - left, desc=f"cache {split}{share}", unit="img",
-               disable=not (progress and distributed.is_main())) as bar,
-          stop_requests() as requested):
-        for start, stop in todo:
-            if requested.is_set():
+    with tqdm(total=total, initial=total - left, desc=f"cache {split}{share}", unit="img",
+              disable=not (progress and distributed.is_main())) as bar:
+        for start, end in todo:
+            if stop is not None and stop.is_set():
                 raise Stopped(f"{out_path}: stopped by a signal; the shards done are kept, run "
                               "again to resume")
-            step("write shard", lambda: write_shard(start, stop, bar),
-                 f"images {start}-{stop - 1}")
+            step("write shard", lambda: write_shard(start, end, bar), f"images {start}-{end - 1}")
     distributed.barrier()  # so that the store is complete wherever write_cache has returned
     return out_path
 

@@ -1,4 +1,4 @@
-"""The `weclip` command line: one command per pipeline stage, each running a Prefect flow.
+"""The `weclip` command line: one command per pipeline stage, each running its Prefect flow.
 
 A wrong parameter, a missing file or another error a user can fix ends a command with one
 line, `error: <file or key>: <problem>`, and exit code 1; --verbose (or WECLIP_DEBUG=1) adds
@@ -6,19 +6,14 @@ the traceback.
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 import traceback
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import typer
 from typer.core import TyperGroup
-
-# No model hub can be reached from the machines this runs on by default; open_clip must not
-# wait on one. A user with network access can export HF_HUB_OFFLINE=0.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _debug() -> bool:
@@ -33,7 +28,7 @@ class _Commands(TyperGroup):
     """The commands, each of whose errors a user can fix ends as one line."""
 
     def invoke(self, ctx):
-        from .common import Stopped  # here, not at import: `weclip --help` needs no torch
+        from .stage import Stopped  # here, not at import: `weclip --help` needs no torch
 
         try:
             return super().invoke(ctx)
@@ -89,41 +84,23 @@ def _load(params_path: Optional[Path], overrides: Optional[list[str]], needs=())
 _EXPONENT = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
 
 
-# The stages that run across processes (`<stage>.nproc` of them); each is the function of its
-# name in the module of its name, which a rank other than 0 runs without Prefect.
-DISTRIBUTED = ("cache", "train", "infer")
+def _report(flow, params, tags: Optional[list[str]]) -> None:
+    """Run the stage's ``flow`` (pipeline/flows.py) on ``params`` and print what it returns."""
+    from .flows import run_flow
+
+    typer.echo(run_flow(flow, params, tags))
 
 
-def _run(stage: str, params, tags: Optional[list[str]]):
-    """Run a stage's flow of pipeline.flows with Prefect configured, tagged with the stage and
-    any DVC experiment name; on a rank other than 0, the stage function alone."""
-    if int(os.environ.get("RANK", "0")) != 0:
-        import importlib
-
-        return getattr(importlib.import_module(f"pipeline.{stage}"), stage)(params)
-    from .prefect_env import configure
-
-    configure()
-    from prefect import tags as prefect_tags
-
-    from . import flows
-
-    if not _debug():
-        # Prefect logs a failed run's traceback to its API and, through the root logger's
-        # handler, to the console, where the one-line error replaces it.
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(lambda r: not (r.exc_info and r.name.startswith("prefect.")))
-
-    run_tags = [f"stage:{stage}", *(tags or [])]
-    if os.environ.get("DVC_EXP_NAME"):
-        run_tags.append(f"dvc-exp:{os.environ['DVC_EXP_NAME']}")
-    with prefect_tags(*run_tags):
-        try:
-            return getattr(flows, stage.replace("-", "_") + "_flow")(params)
-        except Exception:
-            # Prefect logs its shutdown (the temporary server's) at exit, after the error line.
-            logging.disable()
-            raise
+def _spread(stage: str, nproc: int, params_path: Path, overrides, tags, plain: Callable,
+            flow, params) -> None:
+    """A stage that may run as ``nproc`` processes: launch them (from the first), run the
+    stage function ``plain`` without Prefect (ranks other than 0) or its ``flow`` (rank 0)."""
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        _launch(stage, params_path, overrides, tags, nproc)
+    elif int(os.environ.get("RANK", "0")) != 0:
+        plain(params)
+    else:
+        _report(flow, params, tags)
 
 
 def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> None:
@@ -151,42 +128,64 @@ def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> None:
                       "output is above)")
 
 
-# What of this machine each stage uses, checked before it starts (see pipeline.params.PRESENCE).
-NEEDS = {
-    "cache": ("model.weights", "cache.device"),
-    "train": ("model.weights", "train.device"),
-    "upper-bound": ("model.weights", "train.device"),
-    "infer": ("infer.device",),
-    "evaluate": ("infer.device",),
-}
+@app.command()
+def prepare(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+            tag: Optional[list[str]] = TagOption):
+    """Prepare the dataset of `data.dataset` into the data contract."""
+    from .flows import prepare_flow
 
-STAGES = {
-    "prepare": "Prepare the dataset of `data.dataset` into the data contract.",
-    "cache": "Write the frozen CLIP's tokens and attention of the train split to zarr (resumable).",
-    "train": "Train WeCLIP (resumes from the run folder's checkpoint).",
-    "upper-bound": "Train the same decoder on ground-truth masks (if `upper_bound.enabled`), for context.",
-    "infer": "Segment `infer.split` with multi-scale + flip + DenseCRF (resumes per image).",
-    "evaluate": "Score every step of the method; write reports/ (tables, metrics.json, plots).",
-}
+    _report(prepare_flow, _load(params, set_), tag)
 
 
-def _stage_command(stage: str, help_text: str):
-    def command(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+@app.command()
+def cache(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+          tag: Optional[list[str]] = TagOption):
+    """Write the frozen CLIP's tokens and attention of the train split to zarr (resumable)."""
+    from .cache import cache as plain
+    from .flows import cache_flow
+
+    p = _load(params, set_, ("model.weights", "cache.device"))
+    _spread("cache", p.cache.nproc, params, set_, tag, plain, cache_flow, p)
+
+
+@app.command()
+def train(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+          tag: Optional[list[str]] = TagOption):
+    """Train WeCLIP (resumes from the run folder's checkpoint)."""
+    from .flows import train_flow
+    from .train import train as plain
+
+    p = _load(params, set_, ("model.weights", "train.device"))
+    _spread("train", p.train.nproc, params, set_, tag, plain, train_flow, p)
+
+
+@app.command("upper-bound")
+def upper_bound(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
                 tag: Optional[list[str]] = TagOption):
-        p = _load(params, set_, NEEDS.get(stage, ()))
-        nproc = getattr(p, stage).nproc if stage in DISTRIBUTED else 1
-        if nproc > 1 and "LOCAL_RANK" not in os.environ:
-            return _launch(stage, params, set_, tag, nproc)
-        result = _run(stage, p, tag)
-        if int(os.environ.get("RANK", "0")) == 0:
-            typer.echo(result)
+    """Train the same decoder on ground-truth masks (if `upper_bound.enabled`), for context."""
+    from .flows import upper_bound_flow
 
-    command.__doc__ = help_text
-    return command
+    _report(upper_bound_flow, _load(params, set_, ("model.weights", "train.device")), tag)
 
 
-for _stage, _help in STAGES.items():
-    app.command(_stage)(_stage_command(_stage, _help))
+@app.command()
+def infer(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+          tag: Optional[list[str]] = TagOption):
+    """Segment `infer.split` with multi-scale + flip + DenseCRF (resumes per image)."""
+    from .flows import infer_flow
+    from .infer import infer as plain
+
+    p = _load(params, set_, ("infer.device",))
+    _spread("infer", p.infer.nproc, params, set_, tag, plain, infer_flow, p)
+
+
+@app.command()
+def evaluate(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
+             tag: Optional[list[str]] = TagOption):
+    """Score every step of the method; write reports/ (tables, metrics.json, plots)."""
+    from .flows import evaluate_flow
+
+    _report(evaluate_flow, _load(params, set_, ("infer.device",)), tag)
 
 
 @app.command()
@@ -252,14 +251,24 @@ def ui():
 @app.command()
 def benchmark(arch: str = "ViT-B-16", batch: int = 4, crop: int = 320,
               device: str = typer.Option(None, help="cpu or cuda (default: cuda if present)"),
-              steps: int = 10, warmup: int = 2, amp: bool = False, long_side: int = 512,
-              infer_images: int = 5):
-    """Print the training step's time per phase, its peak memory and inference images/s
-    (random weights)."""
+              steps: int = 10, warmup: int = 2, amp: bool = False,
+              compile: bool = typer.Option(False, "--compile", help="torch.compile the parts"),
+              long_side: int = 512, infer_images: int = 5,
+              json_out: Optional[Path] = typer.Option(None, "--json", help="also write the "
+                                                      "figures to this JSON file")):
+    """Print the training step's time per phase, launched ops, host syncs, peak memory and
+    inference images/s (random weights)."""
+    import json
+
     from weclip.benchmark import run_benchmark
 
-    run_benchmark(arch, batch=batch, crop=crop, device=device, steps=steps, warmup=warmup,
-                  amp=amp, long_side=long_side, infer_images=infer_images)
+    figures = run_benchmark(arch, batch=batch, crop=crop, device=device, steps=steps,
+                            warmup=warmup, amp=amp, compile=compile, long_side=long_side,
+                            infer_images=infer_images)
+    for key, value in figures.items():
+        typer.echo(f"{key:>40}: {value}")
+    if json_out:
+        json_out.write_text(json.dumps(figures, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -19,13 +19,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from weclip import load_model
-from weclip.dataset import EvalDataset, load_mask, read_classes
+from weclip.factory import load_model
+from weclip.contract import read_classes
+from weclip.dataset import EvalDataset
+from weclip.images import load_mask
 from weclip.metrics import confusion_matrix, mean_iou
 from weclip.refine import transition_matrix
 
 from . import distributed
-from .common import run_step, score
+from .scoring import score
+from .stage import run_step
 from .params import Params
 from .report import (iou_table, split_metrics, write_charts, write_confusion, write_metrics,
                      write_per_class_iou, write_qualitative, write_tables, write_variant_iou)
@@ -109,7 +112,7 @@ def prediction_confusions(params: Params, data: EvalDataset, num_classes: int) -
 def evaluate(params: Params, model_path: str | Path | None = None, step=run_step):
     """Write the reports under ``evaluate.out`` for ``model_path`` (default: train.out's
     model.pt); returns (metrics, per-class IoU table). ``step`` runs each scoring and the
-    writing of the reports (``common.run_step``)."""
+    writing of the reports (``stage.run_step``)."""
     model_path = model_path or Path(params.train.out) / "model.pt"
     e, root = params.evaluate, params.dataset_dir
     info = read_classes(root)

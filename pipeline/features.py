@@ -40,8 +40,8 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec
 
-from weclip.backbone import BackboneFeatures, FrozenCLIP
-from weclip.dataset import Sample
+from weclip.backbone import FrozenCLIP
+from weclip.batch import BackboneFeatures, Sample
 
 FORMAT = "weclip-feature-cache/2"
 # Byte shuffle groups the float16 high bytes (sign, exponent), which is what compresses.
@@ -121,6 +121,11 @@ class CachedFeatures(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.image_ids)
+
+    @property
+    def most_labels(self) -> int:
+        """The most class labels of one image: the default slots per image of a batch."""
+        return int(self.labels.sum(1).max())
 
     def __getitem__(self, index: int) -> Sample:
         features = BackboneFeatures(torch.from_numpy(self.group["tokens"][index]),

@@ -5,27 +5,53 @@ a run name saying what ran, each step of a stage as a task (train: building the 
 evaluation and checkpoint, saving the model; cache: each shard; infer: each chunk of images;
 evaluate: each scoring and the reports), progress and table artifacts, and log lines with the
 figures a stage produced (loss, mIoU, counts, timings, output paths). A stage that has nothing
-to do ends in a Completed state whose message says so. Import this only after
-``pipeline.prefect_env.configure()``: Prefect reads its settings at import.
+to do ends in a Completed state whose message says so. ``run_flow`` runs one, as the `weclip`
+commands do.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import logging
 import os
 import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, TypeVar
 
-from prefect import flow, get_run_logger, runtime, task
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+from .prefect_env import configure
 
-from .params import Params, params_fingerprint
+configure()  # before Prefect is imported: it reads its settings then
+
+from prefect import flow, get_run_logger, runtime, tags, task  # noqa: E402
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
+from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.states import Completed  # noqa: E402
+
+from .params import Params, params_fingerprint  # noqa: E402
 
 T = TypeVar("T")
+
+
+def run_flow(stage_flow, params: Params, extra_tags: list[str] | None = None):
+    """Run a stage's flow, tagged `stage:<name>`, with any extra tags and the DVC experiment's
+    name; returns its result. A failure propagates as the stage's own exception, for the
+    command's one error line."""
+    if os.environ.get("WECLIP_DEBUG", "0") in ("", "0"):
+        # Prefect logs a failed run's traceback to its API and, through the root logger's
+        # handler, to the console, where the one-line error replaces it.
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: not (r.exc_info and r.name.startswith("prefect.")))
+    run_tags = [f"stage:{stage_flow.name}", *(extra_tags or [])]
+    if os.environ.get("DVC_EXP_NAME"):
+        run_tags.append(f"dvc-exp:{os.environ['DVC_EXP_NAME']}")
+    with tags(*run_tags):
+        try:
+            return stage_flow(params)
+        except Exception:
+            # Prefect logs its shutdown (the temporary server's) at exit, after the error line.
+            logging.disable()
+            raise
 
 
 def _run_name() -> str:
@@ -44,7 +70,7 @@ def _stage(name: str):
 
 def _task(name: str, fn: Callable[[], T], detail: str = "") -> T:
     """Run ``fn`` as a Prefect task named ``name`` (the stages' ``step``, see
-    ``common.run_step``). Never cached nor persisted: a step's result (a model, tensors) lives
+    ``stage.run_step``). Never cached nor persisted: a step's result (a model, tensors) lives
     in this process only, and the stage functions do their own resuming."""
     run_name = f"{name} · {detail}" if detail else name
     return task(fn, name=name, task_run_name=run_name, cache_policy=NO_CACHE,

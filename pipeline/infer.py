@@ -12,60 +12,55 @@ segments every N-th image; every output is per image, so no two ranks write the 
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import signal
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from weclip import load_model, predict
 from weclip.crf import dense_crf
-from weclip.dataset import EvalDataset, load_image
+from weclip.dataset import EvalDataset
+from weclip.factory import load_model
+from weclip.files import file_digest
+from weclip.images import load_image, overlay, save_label_map, write_image
+from weclip.inference import predict
 
 from . import distributed
-from .common import Stopped, exclusive, run_step, stop_requests
-from .params import InferParams, Params, file_digest, params_fingerprint
-from .report import overlay, save_palette_png, write_image
+from .params import InferParams, Params, params_fingerprint
+from .stage import Run, Stopped, discard_stale, run_step, stage
 
 VARIANTS = ("single", "msf", "crf")
-# Images per step (``common.run_step``): a Prefect task each, few enough to read in the UI.
+# Images per step (``stage.run_step``): a Prefect task each, few enough to read in the UI.
 CHUNK = 100
 
 
 def _crf_job(image: np.ndarray, probs: np.ndarray, crf: dict, path: Path) -> None:
-    save_palette_png(dense_crf(image, probs, **crf).argmax(0).astype(np.uint8), path)
+    save_label_map(dense_crf(image, probs, **crf).argmax(0).astype(np.uint8), path)
 
 
 def infer(params: Params, model_path: str | Path | None = None, step=run_step) -> Path:
     """Write the three predictions of every image of the split with ``model_path`` (default:
     train.out's model.pt); returns the output folder. ``step`` runs each chunk of CHUNK images
-    and the pseudo-label export (``common.run_step``). SIGTERM or SIGINT stop it after the
+    and the pseudo-label export (``stage.run_step``). SIGTERM or SIGINT stop it after the
     current image, raising ``Stopped``; a rerun resumes."""
     model_path = model_path or Path(params.train.out) / "model.pt"
-    device = distributed.local_device(params.infer.device)
-    distributed.init(device)
     out = Path(params.infer.out)
-    with ExitStack() as stack:
-        if distributed.is_main():
-            stack.enter_context(exclusive(out))
-        stop = stack.enter_context(stop_requests())
-        _infer(params, model_path, device, stop, step)
+    with stage(out, params.infer.device) as run:
+        _infer(params, model_path, run, step)
     return out
 
 
-def _infer(params: Params, model_path: str | Path, device: torch.device, stop, step) -> None:
-    p = params.infer
+def _infer(params: Params, model_path: str | Path, run: Run, step) -> None:
+    p, device, stop = params.infer, run.device, run.stop
     out = Path(p.out)
     if distributed.is_main():
         # Predictions of another model or other settings must not be resumed from.
         stamp = out / "fingerprint.txt"
         fingerprint = f"{file_digest(model_path)} {params_fingerprint(params, ('data', 'infer'))}"
         if stamp.exists() and stamp.read_text() != fingerprint:
-            shutil.rmtree(out)
+            discard_stale(out, "predictions")
         for variant in VARIANTS:
             (out / variant).mkdir(parents=True, exist_ok=True)
         stamp.write_text(fingerprint)
@@ -108,8 +103,8 @@ def _segment(model, data: EvalDataset, indices: list[int], out: Path, p: InferPa
         item = data[i]
         name = f"{item.image_id}.png"
         single, probs = segment(model, item.image[None].to(device), p)
-        save_palette_png(single, out / "single" / name)
-        save_palette_png(probs.argmax(0).astype(np.uint8), out / "msf" / name)
+        save_label_map(single, out / "single" / name)
+        save_label_map(probs.argmax(0).astype(np.uint8), out / "msf" / name)
         jobs.append(pool.submit(_crf_job, _rgb(item.image), probs, vars(p.crf), out / "crf" / name))
         # Bound the queue: each job holds an image's probabilities.
         while sum(not j.done() for j in jobs) > 2 * p.workers:
@@ -150,7 +145,7 @@ def export_pseudo_labels(model, data: EvalDataset, out: Path, device, stop) -> P
             break
         item = data[i]
         pseudo = model(item.image[None].to(device), item.labels[None]).pseudo[0]
-        save_palette_png(pseudo.cpu().numpy().astype(np.uint8), out / f"{item.image_id}.png")
+        save_label_map(pseudo.cpu().numpy().astype(np.uint8), out / f"{item.image_id}.png")
     return out
 
 
@@ -166,6 +161,6 @@ def predict_files(model_path: str | Path, images: list[Path], out: Path,
         image = load_image(path)  # a bad file: a ValueError naming it
         _, probs = segment(model, image[None].to(device), p)
         labels = dense_crf(_rgb(image), probs, **vars(p.crf)).argmax(0).astype(np.uint8)
-        written.append(save_palette_png(labels, out / f"{path.stem}.png"))
+        written.append(save_label_map(labels, out / f"{path.stem}.png"))
         write_image(overlay(_rgb(image), labels), out / f"{path.stem}_overlay.png")
     return written

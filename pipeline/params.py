@@ -22,10 +22,10 @@ import open_clip
 import torch
 import yaml
 
-from weclip.backbone import NORMALIZATION
-from weclip.config import ModelConfig
-from weclip.factory import resolve_weights
+from weclip.config import NORMALIZATION, ModelConfig
+from weclip.files import file_digest
 from weclip.model_configs import register_model_configs
+from weclip.weights import is_weight_file, resolve_weights
 
 RECIPES = Path(__file__).resolve().parent.parent / "params"
 
@@ -45,7 +45,7 @@ class DataParams:
     out: str = "data/prepared"
     skip_bad: bool = False
     workers: int = 2
-    max_pixels: int = 50_000_000  # larger images are refused (weclip.dataset.MAX_PIXELS)
+    max_pixels: int = 50_000_000  # larger images are refused (weclip.contract.MAX_PIXELS)
     world: WorldParams = field(default_factory=WorldParams)
     voc: dict = field(default_factory=dict)  # keyword arguments of prepare_voc
     coco: dict = field(default_factory=dict)  # keyword arguments of prepare_coco
@@ -67,7 +67,8 @@ class TrainParams:
     features: str = "online"  # online | cache
     supervision: str = "pseudo"  # pseudo | masks (ground truth: the fully supervised bound)
     device: str = "auto"
-    amp: bool = False
+    amp: bool = False  # bfloat16 autocast, the frozen CLIP cast to bfloat16 once
+    compile: bool = False  # the step's parts compiled with torch.compile
     seed: int = 1
     iters: int = 30000
     # Iterations before this one (counted from 0) use static refinement. The paper says
@@ -75,6 +76,9 @@ class TrainParams:
     rfm_start: int = 9144
     nproc: int = 1  # processes (GPUs) to train on; train.batch_size is split among them
     batch_size: int = 4
+    # Class slots per image in a batch's pseudo labels (one shape per crop size); null: the
+    # most labels of an image of the split.
+    max_labels: int | None = None
     crop_size: int = 320
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     lr: float = 2e-4
@@ -198,14 +202,9 @@ def _known_arch(arch, p):
                                                    else " (see open_clip.list_models())")
 
 
-def _names_a_file(weights: str) -> bool:
-    """How create_clip tells a weight file from a pretrained tag (and a slash means a path)."""
-    return bool(Path(weights).suffix) or "/" in weights or Path(resolve_weights(weights)).exists()
-
-
 def _weights(weights, p):
     tags = open_clip.list_pretrained_tags_by_model(p.model.arch)
-    if _names_a_file(weights) or weights in tags:
+    if is_weight_file(weights) or weights in tags:
         return None
     return (f"must be null, a weight file or a pretrained tag of {p.model.arch} "
             f"({', '.join(tags) or 'it has none'})")
@@ -235,7 +234,10 @@ CHECKS = {
     "cache.device": _device,
     "cache.nproc": _at_least(1),
     "train.features": _one_of("online", "cache"),
-    "train.supervision": _one_of("pseudo", "masks"),
+    "train.supervision": lambda supervision, p: (
+        _one_of("pseudo", "masks")(supervision, p) or (
+            "must be pseudo with train.features: cache (the cache holds no masks)"
+            if supervision == "masks" and p.train.features == "cache" else None)),
     "train.device": _device,
     "train.iters": _at_least(1),
     # rfm_start == iters: static refinement throughout.
@@ -246,6 +248,7 @@ CHECKS = {
     "train.batch_size": lambda size, p: (
         None if size >= 1 and size % p.train.nproc == 0
         else f"must be a positive multiple of train.nproc ({p.train.nproc})"),
+    "train.max_labels": _at_least(1),
     "train.crop_size": _between(32, 2048),
     "train.scale_range": lambda scales, p: (
         None if len(scales) == 2 and 0 < scales[0] <= scales[1]
@@ -272,7 +275,7 @@ CHECKS = {
 
 
 def _weight_file_present(weights, p):
-    if _names_a_file(weights) and not Path(resolve_weights(weights)).is_file():
+    if is_weight_file(weights) and not Path(resolve_weights(weights)).is_file():
         return "is not an existing file"
     return None
 
@@ -377,13 +380,7 @@ def params_fingerprint(params: Params, groups: tuple[str, ...]) -> str:
     resumable outputs kept across runs (DVC `persist`) are reused only by a run with the same
     settings and weights."""
     values = {g: dataclasses.asdict(getattr(params, g)) for g in groups}
-    weights = params.model.weights
+    weights = resolve_weights(params.model.weights)
     if "model" in groups and weights and Path(weights).is_file():
-        values["clip_weights_digest"] = file_digest(weights)
+        values["clip_weights_digest"] = file_digest(weights)[:16]
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_digest(path: str | Path) -> str:
-    """The first 16 hex digits of the file's SHA-256."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()[:16]

@@ -22,6 +22,8 @@ DEFAULTS = {
     # The temporary server can take a while to start on a busy 2-core machine.
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_LEVEL": "INFO",
+    # The stages' own warnings (pipeline.stage's log) in the run's log too.
+    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline",
 }
 
 

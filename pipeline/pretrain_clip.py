@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from pipeline.datasets.world import describe, read_captions
 from weclip.backbone import embed, normalize, run_block
-from weclip.dataset import load_image, load_mask, read_classes, read_manifest
+from weclip.contract import read_classes, read_manifest
+from weclip.images import load_image, load_mask
 from weclip.files import write_atomically
 from weclip.model_configs import TINY_CLIP, register_model_configs
 from weclip.optim import cosine_warmup

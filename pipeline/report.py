@@ -18,12 +18,10 @@ import pandas as pd
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from weclip.metrics import iou, mean_iou
 from weclip.files import write_atomically
+from weclip.images import IGNORE_INDEX, label_array, overlay, palette
+from weclip.metrics import iou, mean_iou
 
-IGNORE_INDEX = 255
-# VOC's own palette gives 255 a pale cream (224, 224, 192); white reads better on overlays.
-IGNORE_COLOUR = (255, 255, 255)
 MIOU_ROW = "mIoU"
 
 
@@ -311,93 +309,6 @@ def write_charts(table: pd.DataFrame, final: str, train_out: str | Path, out_dir
 # ----------------------------------------------------------------------------- pictures
 
 
-def palette(n: int = 256) -> np.ndarray:
-    """PASCAL VOC colours of ids 0..n-1 as uint8 [n, 3]; id 255 (ignore) is white.
-
-    The VOC bit shuffle: bit k of the id's bits 0, 1, 2 (then 3, 4, 5, ...) goes to bit 7 - k
-    of red, green and blue, so 0 is black, 1 (128, 0, 0), 2 (0, 128, 0), 15 (192, 128, 128).
-    """
-    ids = np.arange(n)
-    colours = np.zeros((n, 3), dtype=np.uint8)
-    for bit in range(8):
-        for channel in range(3):
-            colours[:, channel] |= (((ids >> (3 * bit + channel)) & 1) << (7 - bit)).astype(np.uint8)
-    if n > IGNORE_INDEX:
-        colours[IGNORE_INDEX] = IGNORE_COLOUR
-    return colours
-
-
-def _label_array(mask: np.ndarray | torch.Tensor) -> np.ndarray:
-    """A label map as uint8, refusing ids a palette index cannot hold."""
-    mask = mask.cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
-    if mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise ValueError(f"label ids must lie in 0..255, got {mask.min()}..{mask.max()}")
-    return mask.astype(np.uint8)
-
-
-def outline_mask(mask: np.ndarray | torch.Tensor, width: int = 1) -> np.ndarray:
-    """Boolean [H, W]: the pixels within ``width`` pixels (8-neighbourhood) of a border between
-    two labels of which at least one is a class (1..254).
-
-    Borders between background and ignore (255) are not outlined: VOC draws ignore as a band
-    around every object, which the object's own outline already marks. The outline lies on
-    both sides of a border, so a region a pixel wide is outlined whole.
-    """
-    mask = _label_array(mask)
-    is_class = (mask > 0) & (mask != IGNORE_INDEX)
-    rows, columns = mask.shape
-    out = np.zeros(mask.shape, dtype=bool)
-    padded = np.pad(mask, width, mode="edge")
-    padded_class = np.pad(is_class, width, mode="edge")
-    for dy in range(-width, width + 1):
-        for dx in range(-width, width + 1):
-            if dy == dx == 0:
-                continue
-            near = (slice(width + dy, width + dy + rows), slice(width + dx, width + dx + columns))
-            out |= (padded[near] != mask) & (padded_class[near] | is_class)
-    return out
-
-
-def overlay(image: np.ndarray, mask: np.ndarray | torch.Tensor, alpha: float = 0.5,
-            outline: int = 0) -> np.ndarray:
-    """Blend the VOC colours of ``mask`` [H, W] into ``image`` (uint8 [H, W, 3]) -> uint8 [H, W, 3].
-
-    ``alpha`` is the weight of the mask colour. Background (black) is blended too, which dims
-    it and makes the objects stand out. With ``outline`` > 0, the borders of the class regions
-    (``outline_mask`` of that width) are drawn in white or black, whichever contrasts more with
-    the blended pixel beneath, so that a mask whose colour is the object's own (a red mask on
-    a red apple) still shows where it ends.
-    """
-    image = np.asarray(image)
-    mask = _label_array(mask)
-    if image.shape != (*mask.shape, 3):
-        raise ValueError(f"image {image.shape} does not match mask {mask.shape}")
-    blended = (1 - alpha) * image.astype(np.float32) + alpha * palette()[mask].astype(np.float32)
-    out = np.clip(np.rint(blended), 0, 255).astype(np.uint8)
-    if outline > 0:
-        edges = outline_mask(mask, outline)
-        luminance = out.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        contrast = np.where(luminance[..., None] < 128, 255, 0).astype(np.uint8)
-        out = np.where(edges[..., None], np.broadcast_to(contrast, out.shape), out)
-    return out
-
-
-def save_palette_png(mask: np.ndarray | torch.Tensor, path: str | Path) -> Path:
-    """Save a label map [H, W] as a 'P'-mode PNG with the VOC palette, as VOC masks are stored.
-
-    The pixel values are the class ids; the palette only colours them for viewers.
-    """
-    picture = Image.fromarray(_label_array(mask))
-    picture.putpalette(palette().tobytes())  # an 'L' image becomes 'P' with the same values
-    return write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
-
-
-def write_image(image: np.ndarray, path: str | Path) -> Path:
-    """Save an RGB uint8 [H, W, 3] image as PNG, atomically."""
-    picture = Image.fromarray(np.asarray(image, dtype=np.uint8))
-    return write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
-
-
 QUALITATIVE_TITLES = ("image", "ground truth", "prediction (multi-scale + flip + CRF)")
 
 
@@ -447,8 +358,8 @@ def write_qualitative(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
     header = 8 + line_height * max(len(lines) for lines in title_lines)
 
     labels = sorted({int(v) for _, truth, prediction, _ in samples
-                     for v in np.unique(np.concatenate([_label_array(truth).ravel(),
-                                                        _label_array(prediction).ravel()]))})
+                     for v in np.unique(np.concatenate([label_array(truth).ravel(),
+                                                        label_array(prediction).ravel()]))})
     swatch, gap, pad, row_height = 12, 4, 6, 18
     entries, x, rows = [], pad, 0
     for label in labels:
@@ -475,7 +386,7 @@ def write_qualitative(samples: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray
         shown = ImageOps.contain(Image.fromarray(image), (cell, cell))
         size = shown.size
         picture = np.asarray(shown)
-        masks = [np.asarray(Image.fromarray(_label_array(m)).resize(size, Image.NEAREST))
+        masks = [np.asarray(Image.fromarray(label_array(m)).resize(size, Image.NEAREST))
                  for m in (truth, prediction)]
         panels = (picture, *(overlay(picture, m, outline=outline) for m in masks))
         top = header + row * cell

@@ -110,3 +110,74 @@ def file_server():
     yield state
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def toy_dataset(tmp_path):
+    """Squares of two colours on grey: 6 train and 2 val images with masks, prepared under
+    ``tmp_path``/prepared/toy; returns ``tmp_path``."""
+    import numpy as np
+    from PIL import Image
+
+    from weclip.contract import ClassInfo, Record, write_dataset
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "prepared" / "toy"
+    root.mkdir(parents=True)
+    records = []
+    for i in range(8):
+        image = np.full((64, 64, 3), 128, np.uint8)
+        mask = np.zeros((64, 64), np.uint8)
+        klass = 1 + i % 2
+        y, x = rng.integers(0, 32, 2)
+        image[y:y + 24, x:x + 24] = (200, 30, 30) if klass == 1 else (30, 30, 200)
+        mask[y:y + 24, x:x + 24] = klass
+        Image.fromarray(image).save(root / f"{i}.png")
+        Image.fromarray(mask).save(root / f"{i}_mask.png")
+        records.append(Record(str(i), root / f"{i}.png", root / f"{i}_mask.png",
+                              "train" if i < 6 else "val", [klass]))
+    write_dataset(root, ClassInfo("toy", ["red", "blue"], ["red square", "blue square"], ["grey"]), records)
+    return tmp_path
+
+
+@pytest.fixture
+def toy_params(toy_dataset, tiny_arch, tiny_clip_weights):
+    """``make(out, **train)``: params that train the tiny CLIP's WeCLIP on the toy dataset into
+    ``out`` (6 iterations of batch 2, a checkpoint and an evaluation every 2), ``train`` keys
+    overridden."""
+    from pipeline.params import load_params
+
+    def make(out, **train):
+        overrides = {"data.dataset": "toy", "data.out": str(toy_dataset / "prepared"),
+                     "model.arch": tiny_arch, "model.weights": str(tiny_clip_weights),
+                     "model.decoder_dim": 32, "model.par_iters": 2, "train.out": str(out),
+                     "train.split": "train", "train.iters": 6, "train.batch_size": 2,
+                     "train.crop_size": 64, "train.workers": 0, "train.log_every": 1,
+                     "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_images": 2,
+                     "train.warmup_iters": 2}
+        overrides.update({f"train.{k}": v for k, v in train.items()})
+        overrides.setdefault("train.rfm_start", overrides["train.iters"] // 2)
+        return load_params(None, overrides)
+
+    return make
+
+
+@pytest.fixture
+def photos(tmp_path):
+    """A prepared dataset of 5 random photos of different sizes with image labels only (no
+    masks), all in split train; returns its folder."""
+    import numpy as np
+    from PIL import Image
+
+    from weclip.contract import ClassInfo, Record, write_dataset
+
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(5):
+        path = tmp_path / "data" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8)).save(path)
+        records.append(Record(str(i), path, None, "train", [1 + i % 3]))
+    write_dataset(tmp_path / "data", ClassInfo("toy", ["cat", "dog", "car"],
+                                               ["cat", "dog", "car"], ["grass"]), records)
+    return tmp_path / "data"

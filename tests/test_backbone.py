@@ -7,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from weclip.backbone import FrozenCLIP, create_clip, resized_positional_embedding
+from weclip.config import ModelConfig
 
 
 @pytest.fixture
-def backbone(tiny_arch, tiny_clip_weights):
-    return FrozenCLIP.from_config(tiny_arch, str(tiny_clip_weights))
+def backbone(tiny_config):
+    return FrozenCLIP.from_config(tiny_config)
 
 
 @pytest.mark.parametrize("size", [(320, 320), (384, 512)])
@@ -73,7 +74,7 @@ def test_state_dict_safetensors_and_torchscript_files_load_the_same_model(tiny_a
     torch.jit.save(scripted, str(tmp_path / "archive.pt"))
 
     images = torch.randn(1, 3, 64, 96)
-    outputs = [FrozenCLIP.from_config(tiny_arch, str(tmp_path / name))(images).tokens
+    outputs = [FrozenCLIP.from_config(ModelConfig(tiny_arch, str(tmp_path / name)))(images).tokens
                for name in ("plain.pt", "weights.safetensors", "archive.pt")]
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 

@@ -10,7 +10,8 @@ from pipeline.datasets.checks import BadInputError, check_records
 from pipeline.datasets.folder import prepare_folder
 from pipeline.params import DataParams, Params
 from pipeline.prepare import prepare
-from weclip.dataset import ClassInfo, Record, load_image, load_mask, read_manifest
+from weclip.contract import ClassInfo, Record, read_manifest
+from weclip.images import load_image, load_mask
 
 INFO = ClassInfo(name="toy", classes=["cat", "dog"], prompts=["cat", "dog"], background=["grass"])
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from scipy import ndimage
 
-from weclip.cam import PresentClasses, box_mask, grad_cam, min_max
+from weclip.batch import PresentClasses
+from weclip.cam import box_mask, grad_cam, min_max
 
 
 def reference_box_mask(cam: np.ndarray, threshold: float) -> np.ndarray:
@@ -59,17 +60,25 @@ def test_box_mask_threshold_is_strictly_above_the_truncated_fraction_of_the_max(
     assert torch.equal(box_mask(cam, threshold=0.4), expected)
 
 
-def test_present_classes_lays_out_pairs_per_image():
-    pairs = PresentClasses.from_labels(torch.tensor([[0, 1, 1], [1, 0, 0]]))
-    assert pairs.image.tolist() == [0, 0, 1]
-    assert pairs.klass.tolist() == [1, 2, 0]
-    assert pairs.slot.tolist() == [0, 1, 0]
-    assert pairs.width == 2
+def test_present_classes_lay_out_each_images_classes_in_fixed_slots():
+    pairs = PresentClasses.from_labels(torch.tensor([[0, 1, 1, 0], [1, 0, 0, 0]]), slots=3)
+    assert pairs.classes.tolist() == [[1, 2, 0], [0, 0, 0]]
+    assert pairs.valid.tolist() == [[True, True, False], [True, False, False]]
+    assert pairs.present.tolist() == [[False, True, True, False], [True, False, False, False]]
+    assert PresentClasses.from_labels(torch.tensor([[0, 1, 1], [1, 0, 0]])).classes.shape == (2, 2)
 
 
-def test_an_image_without_labels_is_refused():
+def test_slots_may_exceed_the_number_of_classes():
+    pairs = PresentClasses.from_labels(torch.tensor([[1, 1]]), slots=4)
+    assert pairs.classes.tolist() == [[0, 1, 0, 0]]
+    assert pairs.valid.tolist() == [[True, True, False, False]]
+
+
+def test_an_image_without_labels_or_with_more_labels_than_slots_is_refused():
     with pytest.raises(ValueError, match="at least one"):
         PresentClasses.from_labels(torch.tensor([[0, 1], [0, 0]]))
+    with pytest.raises(ValueError, match="3 class labels, more than the 2 slots"):
+        PresentClasses.from_labels(torch.tensor([[1, 1, 1]]), slots=2)
 
 
 def test_min_max_scales_each_map_to_unit_range():
@@ -101,17 +110,19 @@ def test_batched_grad_cam_equals_one_backward_per_class(tiny_model):
     feats = tiny_model.backbone(images)
     pairs = PresentClasses.from_labels(labels)
     args = (feats.tokens[:, -1], feats.grid)
-    batched = grad_cam(tiny_model.backbone, *args, pairs, labels, tiny_model.fg_text, tiny_model.bg_text)
+    batched = grad_cam(tiny_model.backbone, *args, pairs, tiny_model.fg_text, tiny_model.bg_text)
     expected = per_class_grad_cam(tiny_model.backbone, *args, labels, tiny_model.fg_text, tiny_model.bg_text)
-    assert torch.allclose(batched, expected, atol=1e-5)
+    assert torch.allclose(batched[pairs.valid], expected, atol=1e-5)
+    assert (batched[~pairs.valid] == 0).all()  # padding slots
 
 
 def test_grad_cams_peak_at_one_as_the_reference_scales_them_twice(tiny_model):
     images = torch.randn(2, 3, 64, 64)
     labels = torch.tensor([[1, 0, 1], [0, 1, 0]]).float()
     feats = tiny_model.backbone(images)
-    cams = grad_cam(tiny_model.backbone, feats.tokens[:, -1], feats.grid,
-                    PresentClasses.from_labels(labels), labels, tiny_model.fg_text, tiny_model.bg_text)
+    pairs = PresentClasses.from_labels(labels)
+    cams = grad_cam(tiny_model.backbone, feats.tokens[:, -1], feats.grid, pairs,
+                    tiny_model.fg_text, tiny_model.bg_text)[pairs.valid]
     peaks = cams.amax((-2, -1))
     assert ((1 - peaks) < 1e-6).all() and (cams.amin((-2, -1)) == 0).all()
 
@@ -123,12 +134,14 @@ def test_cams_of_a_batch_equal_the_cams_of_each_image_alone(tiny_model):
     feats = tiny_model.backbone(images)
     out = tiny_model.decoder(feats.tokens[:, :, 1:], feats.grid)[1]
     from weclip.decoder import affinity
-    batch, _ = tiny_model.cams(images, labels, feats, affinity(out))
+    pairs = PresentClasses.from_labels(labels)
+    batch = tiny_model.cams(images, pairs, feats, affinity(out))[pairs.valid]
     alone = []
     for i in range(2):
         f = tiny_model.backbone(images[i:i + 1])
         a = affinity(tiny_model.decoder(f.tokens[:, :, 1:], f.grid)[1])
-        alone.append(tiny_model.cams(images[i:i + 1], labels[i:i + 1], f, a)[0])
+        one = PresentClasses.from_labels(labels[i:i + 1])
+        alone.append(tiny_model.cams(images[i:i + 1], one, f, a)[one.valid])
     # Batched matmuls round differently (up to 3e-5 after the min-max scaling, torch 2.15);
     # mixing images up would differ by tenths.
     assert torch.allclose(batch, torch.cat(alone), atol=1e-4)

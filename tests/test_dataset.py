@@ -6,8 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from weclip.dataset import (Batch, ClassInfo, EvalDataset, Record, TrainDataset,
-                            random_rescale_flip_crop, read_classes, read_manifest, write_dataset)
+from weclip.batch import Batch
+
+from weclip.contract import ClassInfo, Record, read_classes, read_manifest, write_dataset
+
+from weclip.dataset import EvalDataset, TrainDataset, random_rescale_flip_crop
 
 
 @pytest.fixture

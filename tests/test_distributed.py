@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 
 from pipeline import distributed
 from pipeline.cache import write_cache
-from test_cache import SIZE, dataset  # noqa: F401 (a fixture)
-from test_train import read_rows, toy_dataset, toy_params  # noqa: F401 (a fixture)
+from helpers import read_rows
 from weclip import FrozenCLIP
+from weclip.config import ModelConfig
 
 
 def _as_rank(rank, world, port, fn, *args):
@@ -50,7 +50,7 @@ def _write_cache(configs, weights, dataset, out):
     record of what this rank computed."""
     distributed.init(torch.device("cpu"))  # as a stage would: the group is up, nothing happens
     open_clip.add_model_config(configs)  # a spawned process starts without the test's registry
-    backbone = FrozenCLIP.from_config("WeCLIP-Test-Tiny", str(weights))
+    backbone = FrozenCLIP.from_config(ModelConfig("WeCLIP-Test-Tiny", str(weights)))
     seen, forward = [], backbone.forward
 
     def counted(images):
@@ -58,7 +58,7 @@ def _write_cache(configs, weights, dataset, out):
         return forward(images)
 
     backbone.forward = counted
-    write_cache(backbone, dataset, "train", out, size=SIZE, batch_size=2, shard_size=2,
+    write_cache(backbone, dataset, "train", out, size=64, batch_size=2, shard_size=2,
                 progress=False)
     Path(f"{out}.rank{distributed.rank()}.json").write_text(json.dumps(
         {"rank": distributed.rank(), "world": distributed.world_size(), "images": sum(seen)}))
@@ -125,10 +125,10 @@ def test_launch_starts_nproc_processes_and_returns_the_failed_ones(tmp_path):
 
 
 @pytest.fixture
-def cache_args(dataset, tiny_arch_configs, tiny_clip_weights):
+def cache_args(photos, tiny_arch_configs, tiny_clip_weights):
     """``_write_cache``'s arguments but the store: the tiny CLIP's config folder and weights,
     and the dataset."""
-    return tiny_arch_configs, tiny_clip_weights, dataset
+    return tiny_arch_configs, tiny_clip_weights, photos
 
 
 def test_two_ranks_write_the_same_cache_as_one_and_resume_it(cache_args, tmp_path):
@@ -183,12 +183,12 @@ def _infer(configs, params):
 
 
 @pytest.fixture
-def train_setup(toy_dataset, tiny_arch, tiny_arch_configs, tiny_clip_weights):
+def train_setup(toy_params, tiny_arch_configs):
     """A function of the run folder giving the toy training's params (global batch 4, no
     dropout: the one random draw a rank makes on its own), and the tiny CLIP's config folder."""
 
     def params(out, **train):
-        p = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, out, batch_size=4,
+        p = toy_params(out, batch_size=4,
                        eval_every=100, **train)
         p.model.dropout = 0.0
         return p

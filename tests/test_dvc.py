@@ -5,6 +5,8 @@ from pathlib import Path
 
 import yaml
 
+import weclip
+
 ROOT = Path(__file__).resolve().parent.parent
 # The module that holds each stage's logic (pipeline/flows.py and pipeline/cli.py only run
 # and report it).
@@ -42,8 +44,13 @@ def imported(name: str) -> set[str]:
                 base = package[:len(package) - node.level + 1] if node.level else []
                 target = ".".join(base + (node.module.split(".") if node.module else []))
                 todo.append(target)
-                todo += [f"{target}.{alias.name}" for alias in node.names]
+                todo += [f"{target}.{_EXPORTS.get(target, {}).get(alias.name, alias.name)}"
+                         for alias in node.names]
     return seen
+
+
+# Names a package imports only when first used (PEP 562): the module each one comes from.
+_EXPORTS = {"weclip": weclip._EXPORTS}
 
 
 def covered(path: Path, deps: list[str]) -> bool:

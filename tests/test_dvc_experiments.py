@@ -1,4 +1,5 @@
-"""DVC experiments keep their metrics and plots, so that they can be compared.
+"""DVC in throwaway projects: experiments keep their metrics and plots, so that they can be
+compared; and editing a module reruns only the stages that use it.
 
 A throwaway git + DVC project gets this project's train and evaluate outputs, metrics, plot
 definitions and .gitignore exactly as dvc.yaml and .gitignore declare them, with stand-in
@@ -90,6 +91,17 @@ def _plot_columns(plots: list, resolve) -> dict[str, list[str]]:
     return columns
 
 
+def _environment(tmp_path) -> dict:
+    """An environment for dvc and git that reads no user or system configuration."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "site"),
+           "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "global"),
+           "DVC_SYSTEM_CONFIG_DIR": str(tmp_path / "system"), "GIT_CONFIG_NOSYSTEM": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    for key in ("DVC_EXP_NAME", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_BASELINE_REV"):
+        env.pop(key, None)  # when the tests themselves run inside `dvc exp run`
+    return env
+
+
 def _run(*args, cwd, env):
     result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, f"{' '.join(map(str, args))}:\n{result.stdout}\n{result.stderr}"
@@ -130,12 +142,7 @@ def project(tmp_path):
     (folder / "stand_in.py").write_text(STAND_IN)
     shutil.copy(ROOT / ".gitignore", folder / ".gitignore")
 
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(tmp_path / "site"),
-           "DVC_GLOBAL_CONFIG_DIR": str(tmp_path / "global"),
-           "DVC_SYSTEM_CONFIG_DIR": str(tmp_path / "system"), "GIT_CONFIG_NOSYSTEM": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    for key in ("DVC_EXP_NAME", "DVC_ROOT", "DVC_STAGE", "DVC_EXP_BASELINE_REV"):
-        env.pop(key, None)  # when the tests themselves run inside `dvc exp run`
+    env = _environment(tmp_path)
     git = ["git", "-c", "init.defaultBranch=main"]
     _run(*git, "init", "-q", cwd=folder, env=env)
     for key, value in (("user.name", "test"), ("user.email", "test@example.com"),
@@ -219,3 +226,47 @@ def test_no_uncached_output_is_ignored_by_git():
     ignored = [path for path in uncached if subprocess.run(
         ["git", "check-ignore", "-q", "--no-index", path], cwd=ROOT).returncode == 0]
     assert not ignored, f"cache: false outputs that git ignores: {ignored}"
+
+
+@pytest.fixture
+def pipeline_copy(tmp_path):
+    """This project's dvc.yaml, params.yaml and code in a throwaway DVC project whose dvc.lock
+    records the current code (stand-in outputs, `dvc commit`): (its folder, environment)."""
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(ROOT / name, folder / name)
+    for package in ("pipeline", "weclip"):
+        shutil.copytree(ROOT / package, folder / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.safetensors"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for stage in yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"].values():
+        for name in _names(stage.get("outs")) + _names(stage.get("metrics")):
+            path = folder / _interpolate(name, params)
+            if path.suffix:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("stand-in\n")
+            else:
+                path.mkdir(parents=True, exist_ok=True)
+                (path / "stand-in").write_text("stand-in\n")
+    env = _environment(tmp_path)
+    _run(DVC, "init", "--no-scm", "-q", cwd=folder, env=env)
+    _run(DVC, "commit", "--force", "-q", cwd=folder, env=env)
+    return folder, env
+
+
+@pytest.mark.parametrize("edited, up_to_date, stale", [
+    ("weclip/decoder.py", {"prepare", "cache"}, {"train", "infer"}),
+    ("pipeline/report.py", {"prepare", "cache", "train", "infer"}, {"evaluate"}),
+    ("weclip/crf.py", {"prepare", "cache", "train"}, {"infer"}),
+])
+def test_editing_a_module_makes_only_the_stages_that_use_it_stale(pipeline_copy, edited,
+                                                                     up_to_date, stale):
+    folder, env = pipeline_copy
+    assert json.loads(_run(DVC, "status", "--json", cwd=folder, env=env)) == {}
+    with open(folder / edited, "a") as f:
+        f.write("# edited\n")
+    status = json.loads(_run(DVC, "status", "--json", cwd=folder, env=env))
+    assert up_to_date.isdisjoint(status) and stale <= set(status), status
+    for stage in stale:
+        assert status[stage] == [{"changed deps": {edited: "modified"}}]

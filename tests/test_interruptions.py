@@ -17,7 +17,7 @@ import yaml
 import zarr
 from PIL import Image
 
-from test_train import read_rows, toy_dataset, toy_params  # noqa: F401 (a fixture)
+from helpers import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # dvc and weclip of this environment
@@ -74,9 +74,9 @@ def assert_same_run(whole, resumed):
 
 
 @pytest.fixture
-def long_params(toy_dataset, tiny_arch, tiny_clip_weights):
+def long_params(toy_params):
     def params(out):
-        return toy_params(toy_dataset, tiny_arch, tiny_clip_weights, out, iters=30,
+        return toy_params(out, iters=30,
                           rfm_start=15, checkpoint_every=4, eval_every=10)
     return params
 
@@ -109,7 +109,7 @@ def test_training_killed_twice_resumes_to_the_same_model(run_stage, long_params,
 
 
 def test_a_second_run_on_the_same_folder_is_refused(run_stage, long_params, tmp_path):
-    from pipeline.common import exclusive
+    from pipeline.stage import exclusive
     from pipeline.train import train
 
     first = run_stage("train", long_params(tmp_path / "run"))
@@ -124,7 +124,7 @@ def test_a_second_run_on_the_same_folder_is_refused(run_stage, long_params, tmp_
 
 def add_images(root: Path, split: str, count: int) -> None:
     """``count`` more images of ``split`` in the toy dataset at ``root``: its images turned."""
-    from weclip.dataset import Record, read_classes, read_manifest, write_dataset
+    from weclip.contract import Record, read_classes, read_manifest, write_dataset
 
     records = read_manifest(root)
     sources = [r for r in records if r.split == split]
@@ -159,7 +159,7 @@ def test_inference_killed_at_random_points_resumes_to_the_same_files(
         run_stage, long_params, toy_dataset, tmp_path):
     from test_distributed import files
 
-    from weclip.dataset import load_mask
+    from weclip.images import load_mask
 
     add_images(toy_dataset / "prepared" / "toy", "val", 10)  # 12 val images
     params = long_params(tmp_path / "run")
@@ -185,7 +185,8 @@ def test_inference_killed_at_random_points_resumes_to_the_same_files(
 CACHE = """
 from pipeline.cache import write_cache
 from weclip.backbone import FrozenCLIP
-backbone = FrozenCLIP.from_config(sys.argv[2], sys.argv[3])
+from weclip.config import ModelConfig
+backbone = FrozenCLIP.from_config(ModelConfig(sys.argv[2], sys.argv[3]))
 write_cache(backbone, sys.argv[4], "train", sys.argv[5], size=64, batch_size=1, shard_size=2,
             progress=False)
 """

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from weclip import create_model, load_model, save_model
-from weclip.dataset import Batch
+from weclip.batch import Batch, PresentClasses
 from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
 
@@ -64,7 +64,8 @@ def test_training_step_updates_the_decoder_only(tiny_model):
     step = TrainStep(tiny_model, optimizer, poly_warmup(optimizer, 10, warmup_iters=0), radius=2)
     clip_before = {k: v.clone() for k, v in tiny_model.backbone.state_dict().items()}
     decoder_before = {k: v.clone() for k, v in tiny_model.decoder.state_dict().items()}
-    result = step(Batch(images(2, 3, 64, 64), LABELS, torch.arange(2)))
+    result = step(Batch(images(2, 3, 64, 64), LABELS, torch.arange(2),
+                        PresentClasses.from_labels(LABELS)))
     assert torch.isfinite(result["loss"])
     assert all(p.grad is None for p in tiny_model.backbone.parameters())
     assert all(torch.equal(v, clip_before[k]) for k, v in tiny_model.backbone.state_dict().items())
@@ -76,7 +77,7 @@ def test_training_reduces_the_loss_on_a_fixed_batch(tiny_model):
     torch.manual_seed(0)
     optimizer = build_optimizer(tiny_model, lr=2e-5)
     step = TrainStep(tiny_model, optimizer, radius=2)
-    batch = Batch(images(2, 3, 64, 64), LABELS, torch.arange(2))
+    batch = Batch(images(2, 3, 64, 64), LABELS, torch.arange(2), PresentClasses.from_labels(LABELS))
     tiny_model.decoder.dropout.p = 0.0
     losses = [step(batch, refinement="static")["loss"].item() for _ in range(15)]
     assert losses[-1] < losses[0]

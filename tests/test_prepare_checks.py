@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 
 from pipeline.datasets.checks import BadInputError, check_records, write_checked_dataset
-from weclip.dataset import ClassInfo, Record, read_manifest
+from weclip.contract import ClassInfo, Record, read_manifest
 
 INFO = ClassInfo(name="toy", classes=["cat", "dog"], prompts=["cat", "dog"], background=["grass"])
 

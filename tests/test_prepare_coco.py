@@ -12,7 +12,7 @@ from PIL import Image
 
 from pipeline.datasets.checks import BadInputError
 from pipeline.datasets.coco import prepare_coco
-from weclip.dataset import read_classes, read_manifest
+from weclip.contract import read_classes, read_manifest
 
 # The real COCO category ids: 1..90 with ten gaps.
 CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]

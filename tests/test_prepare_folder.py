@@ -9,7 +9,7 @@ from PIL import Image
 from pipeline.datasets.checks import BadInputError
 from pipeline.datasets.folder import prepare_folder
 from pipeline.datasets.voc import VOC_BACKGROUND
-from weclip.dataset import read_classes, read_manifest
+from weclip.contract import read_classes, read_manifest
 
 CLASSES_YAML = "- cat\n- {name: dog, prompt: 'dog,puppy'}\n"
 

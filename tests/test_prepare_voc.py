@@ -10,7 +10,7 @@ import scipy.io
 from PIL import Image
 
 from pipeline.datasets.voc import build_segmentation_class_aug, prepare_voc
-from weclip.dataset import read_classes, read_manifest
+from weclip.contract import read_classes, read_manifest
 
 SIZE = (8, 6)
 
@@ -81,7 +81,7 @@ def test_download_builds_segmentation_class_aug_and_the_splits(file_server, tmp_
                                     "train": {"a": [15]}, "val": {"b": [3]}}
     aug = tmp_path / "dl" / "VOCdevkit" / "VOC2012" / "SegmentationClassAug"
     assert (np.asarray(Image.open(aug / "a.png")) == label_map(15, border=True)).all()
-    assert Image.open(aug / "c.png").mode == "L"
+    assert Image.open(aug / "c.png").mode == "P"  # class ids, coloured by the VOC palette
     record = read_manifest(out, "val")[0]
     assert record.image == (tmp_path / "dl/VOCdevkit/VOC2012/JPEGImages/b.jpg").resolve()
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from pipeline import pretrain_clip as pc
 from pipeline.datasets.world import generate_world
 from weclip.backbone import normalize
-from weclip.dataset import read_classes
+from weclip.contract import read_classes
 from weclip.model_configs import TINY_CLIP, register_model_configs
 
 TINY_RUN = dict(steps=10, batch_size=16, warmup_steps=2, num_threads=1)

@@ -51,9 +51,9 @@ def test_rfm_absolute_difference_is_the_papers_variant():
 
 def test_refined_cam_is_the_masked_transition_times_the_cam():
     t = transition_matrix(random_attention(2, 16, 16))
-    cams, masks = torch.rand(3, 4, 4), (torch.rand(3, 4, 4) > 0.5).float()
-    image = torch.tensor([0, 1, 1])
-    out = refine_cams(cams, masks, t, image)
-    for p in range(3):
-        expected = (t[image[p]] * masks[p].view(1, 16)) @ cams[p].view(16)
-        assert torch.allclose(out[p].flatten(), expected, atol=1e-6)
+    cams, masks = torch.rand(2, 3, 4, 4), (torch.rand(2, 3, 4, 4) > 0.5).float()
+    out = refine_cams(cams, masks, t)
+    for b in range(2):
+        for k in range(3):
+            expected = (t[b] * masks[b, k].view(1, 16)) @ cams[b, k].view(16)
+            assert torch.allclose(out[b, k].flatten(), expected, atol=1e-6)

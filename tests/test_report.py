@@ -9,10 +9,10 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.report import (QUALITATIVE_TITLES, iou_table, outline_mask, overlay, palette,
-                             save_palette_png, split_metrics, write_charts, write_confusion,
-                             write_metrics, write_per_class_iou, write_qualitative, write_tables,
-                             write_variant_iou)
+from pipeline.report import (QUALITATIVE_TITLES, iou_table, split_metrics, write_charts,
+                             write_confusion, write_metrics, write_per_class_iou,
+                             write_qualitative, write_tables, write_variant_iou)
+from weclip.images import outline_mask, overlay, palette, save_label_map
 
 CLASSES = ["cat", "dog", "car"]
 # Rows = truth, columns = prediction. IoU: background 1/3, cat 2/3, dog 0, car absent (NaN).
@@ -97,7 +97,7 @@ def test_palette_has_the_voc_colours():
 
 def test_palette_png_reads_back_as_the_same_ids(tmp_path):
     mask = np.array([[0, 1, 2], [15, 20, 255]])
-    path = save_palette_png(mask, tmp_path / "mask.png")
+    path = save_label_map(mask, tmp_path / "mask.png")
     with Image.open(path) as im:
         assert im.mode == "P"
         assert np.array_equal(np.asarray(im), mask)

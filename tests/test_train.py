@@ -1,60 +1,17 @@
 """The train stage: it learns, logs, checkpoints and resumes where it stopped."""
-import csv
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import read_rows
 from pipeline.params import load_params
 from pipeline.train import train
 from weclip import load_model
-from weclip.dataset import ClassInfo, Record, write_dataset
 
 
-@pytest.fixture
-def toy_dataset(tmp_path):
-    """Squares of two colours on grey: 6 train and 2 val images with masks."""
-    rng = np.random.default_rng(0)
-    root = tmp_path / "prepared" / "toy"
-    root.mkdir(parents=True)
-    records = []
-    for i in range(8):
-        image = np.full((64, 64, 3), 128, np.uint8)
-        mask = np.zeros((64, 64), np.uint8)
-        klass = 1 + i % 2
-        y, x = rng.integers(0, 32, 2)
-        image[y:y + 24, x:x + 24] = (200, 30, 30) if klass == 1 else (30, 30, 200)
-        mask[y:y + 24, x:x + 24] = klass
-        Image.fromarray(image).save(root / f"{i}.png")
-        Image.fromarray(mask).save(root / f"{i}_mask.png")
-        records.append(Record(str(i), root / f"{i}.png", root / f"{i}_mask.png",
-                              "train" if i < 6 else "val", [klass]))
-    write_dataset(root, ClassInfo("toy", ["red", "blue"], ["red square", "blue square"], ["grey"]), records)
-    return tmp_path
-
-
-def toy_params(toy_dataset, tiny_arch, tiny_clip_weights, out, **train):
-    overrides = {"data.dataset": "toy", "data.out": str(toy_dataset / "prepared"),
-                 "model.arch": tiny_arch, "model.weights": str(tiny_clip_weights),
-                 "model.decoder_dim": 32, "model.par_iters": 2, "train.out": str(out),
-                 "train.split": "train",
-                 "train.iters": 6, "train.batch_size": 2,
-                 "train.crop_size": 64, "train.workers": 0, "train.log_every": 1,
-                 "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_images": 2,
-                 "train.warmup_iters": 2}
-    overrides.update({f"train.{k}": v for k, v in train.items()})
-    overrides.setdefault("train.rfm_start", overrides["train.iters"] // 2)
-    return load_params(None, overrides)
-
-
-def read_rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def test_training_writes_model_losses_and_evaluations(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
-    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run")
+def test_training_writes_model_losses_and_evaluations(toy_params, tmp_path):
+    params = toy_params(tmp_path / "run")
     model_path = train(params)
     assert load_model(model_path).classes.classes == ["red", "blue"]
     assert [int(r["iteration"]) for r in read_rows(tmp_path / "run" / "losses.csv")] == [1, 2, 3, 4, 5, 6]
@@ -64,15 +21,15 @@ def test_training_writes_model_losses_and_evaluations(toy_dataset, tiny_arch, ti
 
 
 def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(
-        toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
-    whole = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "whole")
+        toy_params, tmp_path):
+    whole = toy_params(tmp_path / "whole")
     train(whole)
 
     def interrupt(iteration, row):
         if iteration == 4:
             raise KeyboardInterrupt
 
-    broken = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "broken")
+    broken = toy_params(tmp_path / "broken")
     with pytest.raises(KeyboardInterrupt):
         train(broken, on_eval=interrupt)
     assert not (tmp_path / "broken" / "model.pt").exists()
@@ -91,23 +48,23 @@ def test_unknown_params_are_refused_by_name(tmp_path):
         load_params(path)
 
 
-def test_training_from_the_feature_cache(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+def test_training_from_the_feature_cache(toy_params, tmp_path):
     from pipeline.cache import write_cache
     from weclip import FrozenCLIP
 
-    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run",
+    params = toy_params(tmp_path / "run",
                         features="cache", iters=2)
     params.cache.path = str(tmp_path / "cache.zarr")
-    write_cache(FrozenCLIP.from_config(tiny_arch, str(tiny_clip_weights)), params.dataset_dir,
+    write_cache(FrozenCLIP.from_config(params.model), params.dataset_dir,
                 "train", params.cache.path, size=64, progress=False)
     train(params)
     assert len(read_rows(tmp_path / "run" / "losses.csv")) == 2
 
 
-def test_inference_writes_three_variants_and_resumes(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+def test_inference_writes_three_variants_and_resumes(toy_params, tmp_path):
     from pipeline.infer import VARIANTS, infer
 
-    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2)
+    params = toy_params(tmp_path / "run", iters=2)
     model = train(params)
     params.infer.out, params.infer.long_side, params.infer.workers = str(tmp_path / "infer"), 64, 1
     out = infer(params, model)
@@ -123,13 +80,13 @@ def test_inference_writes_three_variants_and_resumes(toy_dataset, tiny_arch, tin
     assert (out / "crf" / "7.png").exists() and (out / "crf" / "6.png").stat().st_mtime_ns == first
 
 
-def test_evaluation_reports_every_step_of_the_method(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+def test_evaluation_reports_every_step_of_the_method(toy_params, tmp_path):
     import json
 
     from pipeline.evaluate import CAM_STEPS, PREDICTIONS, evaluate
     from pipeline.infer import infer
 
-    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2)
+    params = toy_params(tmp_path / "run", iters=2)
     model = train(params)
     params.infer.out, params.infer.long_side, params.infer.workers = str(tmp_path / "infer"), 64, 1
     params.evaluate.out, params.evaluate.qualitative = str(tmp_path / "reports"), 2
@@ -144,17 +101,17 @@ def test_evaluation_reports_every_step_of_the_method(toy_dataset, tiny_arch, tin
         assert (tmp_path / "reports" / name).exists()
 
 
-def test_a_checkpoint_of_other_parameters_is_not_resumed(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
-    train(toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2))
-    train(toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=3, lr=1e-5))
+def test_a_checkpoint_of_other_parameters_is_not_resumed(toy_params, tmp_path):
+    train(toy_params(tmp_path / "run", iters=2))
+    train(toy_params(tmp_path / "run", iters=3, lr=1e-5))
     assert [int(r["iteration"]) for r in read_rows(tmp_path / "run" / "losses.csv")] == [1, 2, 3]
     assert float(read_rows(tmp_path / "run" / "losses.csv")[0]["lr"]) < 1e-4  # 1e-3 at the old rate
 
 
-def test_predict_segments_loose_files_and_names_unreadable_ones(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path):
+def test_predict_segments_loose_files_and_names_unreadable_ones(toy_params, toy_dataset, tmp_path):
     from pipeline.infer import predict_files
 
-    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=1)
+    params = toy_params(tmp_path / "run", iters=1)
     model = train(params)
     params.infer.long_side = 64
     image = toy_dataset / "prepared" / "toy" / "6.png"
@@ -168,13 +125,13 @@ def test_predict_segments_loose_files_and_names_unreadable_ones(toy_dataset, tin
 
 
 def test_the_upper_bound_trains_on_masks_without_the_cam_branch(
-        toy_dataset, tiny_arch, tiny_clip_weights, tmp_path, monkeypatch):
+        toy_params, tmp_path, monkeypatch):
     import weclip.model
 
     def fail(*args, **kwargs):
         raise AssertionError("CAM computed for a fully supervised step")
 
-    params = toy_params(toy_dataset, tiny_arch, tiny_clip_weights, tmp_path / "run", iters=2,
+    params = toy_params(tmp_path / "run", iters=2,
                         supervision="masks", eval_every=100)
     monkeypatch.setattr(weclip.model, "grad_cam", fail)
     train(params)

@@ -4,7 +4,7 @@ import pytest
 from PIL import Image
 
 from pipeline.datasets.world import BACKGROUNDS, CLASSES, describe, generate_world, read_captions
-from weclip.dataset import read_classes, read_manifest
+from weclip.contract import read_classes, read_manifest
 
 COUNTS = {"n_pretrain": 12, "n_train": 10, "n_val": 8}
 

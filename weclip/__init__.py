@@ -2,13 +2,22 @@
 
     model = weclip.load_model("runs/train/model.pt")   # a trained model, from its file alone
     probs = weclip.predict(model, images)              # images [B, 3, H, W] on the 0-255 scale
-"""
-from .backbone import BackboneFeatures, FrozenCLIP, create_clip
-from .config import ModelConfig
-from .dataset import ClassInfo
-from .factory import create_model, load_model, save_model
-from .inference import predict
-from .model import WeCLIP, WeCLIPOutput
 
-__all__ = ["BackboneFeatures", "ClassInfo", "FrozenCLIP", "ModelConfig", "WeCLIP", "WeCLIPOutput",
-           "create_clip", "create_model", "load_model", "predict", "save_model"]
+The names below are imported when first used (PEP 562), so that ``import weclip.contract``
+loads no torch and each pipeline stage depends only on the modules it uses.
+"""
+from importlib import import_module
+
+_EXPORTS = {
+    "BackboneFeatures": "batch", "ClassInfo": "contract", "FrozenCLIP": "backbone",
+    "ModelConfig": "config", "WeCLIP": "model", "WeCLIPOutput": "model",
+    "create_clip": "backbone", "create_model": "factory", "load_model": "factory",
+    "predict": "inference", "save_model": "factory",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'weclip' has no attribute {name!r}")
+    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)

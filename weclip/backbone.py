@@ -9,8 +9,8 @@ tokens and head-averaged attention), and block N again with gradient for Grad-CA
 from __future__ import annotations
 
 import hashlib
+import logging
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import open_clip
@@ -18,38 +18,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch import BackboneFeatures
+from .config import NORMALIZATION, ModelConfig
 from .model_configs import register_model_configs
+from .weights import is_weight_file, resolve_weights
 
 # Keys that OpenAI's TorchScript archives carry besides the weights.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 
-# Pixel statistics on the 0-255 scale (docs/method.md, section 1).
-NORMALIZATION = {
-    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
-}
+def pixel_statistics(stats: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (mean, std) [3, 1, 1] of ``stats`` on the 0-255 scale."""
+    if stats not in NORMALIZATION:
+        raise ValueError(f"normalization must be one of {list(NORMALIZATION)}, not {stats!r}")
+    return tuple(torch.tensor(v).view(3, 1, 1) for v in NORMALIZATION[stats])
 
 
 def normalize(images: torch.Tensor, stats: str = "imagenet") -> torch.Tensor:
-    """[..., 3, H, W] on the 0-255 scale (any dtype) -> float, normalised with ``stats``."""
-    if stats not in NORMALIZATION:
-        raise ValueError(f"normalization must be one of {list(NORMALIZATION)}, not {stats!r}")
-    mean, std = (torch.tensor(v, device=images.device).view(3, 1, 1) for v in NORMALIZATION[stats])
+    """[..., 3, H, W] on the 0-255 scale (any dtype, on the CPU) -> float, normalised with
+    ``stats``. ``FrozenCLIP.normalize`` does the same on the backbone's device."""
+    mean, std = pixel_statistics(stats)
     return (images.float() - mean) / std
-
-
-@dataclass
-class BackboneFeatures:
-    """What the frozen CLIP gives the rest of WeCLIP for a batch of B images on an h x w grid.
-
-    tokens: [B, N-1, 1+hw, D] output tokens of blocks 1..N-1 (class token first)
-    attn:   [B, N, 1+hw, 1+hw] head-averaged attention of blocks 1..N
-    grid:   (h, w)
-    """
-
-    tokens: torch.Tensor
-    attn: torch.Tensor
-    grid: tuple[int, int]
 
 
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -93,9 +81,8 @@ def create_clip(arch: str, weights: str | None = None) -> nn.Module:
         with torch.random.fork_rng():
             torch.manual_seed(0)
             return open_clip.create_model(arch)
-    if Path(weights).suffix or Path(weights).exists():
-        import logging
-
+    if is_weight_file(weights):
+        weights = resolve_weights(weights)
         # open_clip warns through the root logger that the model is initialized randomly,
         # true only until the file's weights are loaded below.
         def not_random_init(record):
@@ -189,10 +176,11 @@ class FrozenCLIP(nn.Module):
 
     def __init__(self, clip: nn.Module, tokenizer, normalization: str = "imagenet"):
         super().__init__()
-        if normalization not in NORMALIZATION:
-            raise ValueError(f"normalization must be one of {list(NORMALIZATION)}, "
-                             f"not {normalization!r}")
+        mean, std = pixel_statistics(normalization)
         self.normalization = normalization
+        # Buffers, so that they live on the model's device: no copy from the host per call.
+        self.register_buffer("pixel_mean", mean, persistent=False)
+        self.register_buffer("pixel_std", std, persistent=False)
         if not isinstance(getattr(clip, "visual", None), open_clip.transformer.VisionTransformer):
             raise ValueError("WeCLIP needs an open_clip ViT image tower (VisionTransformer)")
         if clip.visual.attn_pool is not None:
@@ -201,23 +189,38 @@ class FrozenCLIP(nn.Module):
         self.tokenizer = tokenizer
         self.clip.requires_grad_(False)
         self.clip.eval()
+        self._digest = None
 
     @classmethod
-    def from_config(cls, arch: str, weights: str | None = None,
-                    normalization: str = "imagenet") -> "FrozenCLIP":
-        return cls(create_clip(arch, weights), open_clip.get_tokenizer(arch), normalization)
+    def from_config(cls, config: ModelConfig) -> "FrozenCLIP":
+        """The frozen CLIP of a model configuration: its arch, weights and normalization."""
+        return cls(create_clip(config.arch, config.weights), open_clip.get_tokenizer(config.arch),
+                   config.normalization)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """[..., 3, H, W] on the 0-255 scale -> normalised float, as this backbone takes them."""
-        return normalize(images, self.normalization)
+        return (images.float() - self.pixel_mean) / self.pixel_std
 
     def digest(self) -> str:
-        """A digest of the image tower's weights: which frozen CLIP this is."""
-        digest = hashlib.blake2b(digest_size=16)
-        for name, tensor in self.visual.state_dict().items():
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        """A digest of the image tower's weights as loaded: which frozen CLIP this is (kept
+        from the first call, so that a backbone cast to bfloat16 keeps its identity)."""
+        if self._digest is None:
+            digest = hashlib.blake2b(digest_size=16)
+            for name, tensor in self.visual.state_dict().items():
+                digest.update(name.encode())
+                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._digest = digest.hexdigest()
+        return self._digest
+
+    def cast_blocks(self, dtype: torch.dtype) -> "FrozenCLIP":
+        """Cast the image tower up to block N-1 to ``dtype`` once (mixed-precision training,
+        instead of autocast casting the frozen weights at every step). Block N, ln_post and
+        the projection stay in float32: Grad-CAM differentiates through them."""
+        self.digest()
+        v = self.visual
+        for module in (v.conv1, v.ln_pre, *v.transformer.resblocks[:-1]):
+            module.to(dtype)
+        return self
 
     def train(self, mode: bool = True):
         # Frozen means eval mode too: no dropout, no patch dropout.
@@ -244,18 +247,24 @@ class FrozenCLIP(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> BackboneFeatures:
-        """Blocks 1..N without gradient on normalised images [B, 3, H, W] -> BackboneFeatures.
+        """Blocks 1..N without gradient on normalised images [B, 3, H, W] -> BackboneFeatures
+        (block N's attention only).
 
         The grid is (H // patch, W // patch); pixels beyond a multiple of the patch are unused.
         """
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         x = embed(self.visual, images)
+        *blocks, last = self.visual.transformer.resblocks
         tokens, attn = [], []
-        for block in self.visual.transformer.resblocks:
+        for block in blocks:
             x, weights = run_block(block, x, need_weights=True)
             tokens.append(x)
             attn.append(weights)
-        return BackboneFeatures(torch.stack(tokens[:-1], 1), torch.stack(attn, 1), grid)
+        # Of block N only the attention is kept (Grad-CAM runs the block again), in float32
+        # like the block (``cast_blocks``).
+        x = x.to(last.ln_1.weight.dtype)
+        attn.append(attention(last.attn, last.ln_1(x), need_weights=True)[1])
+        return BackboneFeatures(torch.stack(tokens, 1), torch.stack(attn, 1), grid)
 
     def last_block_scores(self, x: torch.Tensor, ln_1_out: torch.Tensor,
                           text: torch.Tensor) -> torch.Tensor:

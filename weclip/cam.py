@@ -1,48 +1,23 @@
 """Initial CAMs by Grad-CAM on the frozen CLIP, and their box masks (docs/method.md, sections 4-5).
 
-CAMs are computed for (image, class) pairs: one pair per foreground class present in an image.
-``PresentClasses`` lays the pairs out once, on the CPU where the labels come from, so that the
-training step needs no device-to-host copy to know which classes each image has.
+CAMs are computed for (image, class) pairs: one per foreground class present in an image, in the
+K slots per image of ``weclip.batch.PresentClasses``, padding included, so that the pseudo
+labels' path reads nothing back from the device and keeps one shape (docs/scaling.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 
-from .backbone import FrozenCLIP
+from .batch import PresentClasses
 
-
-@dataclass
-class PresentClasses:
-    """The (image, class) pairs of a batch.
-
-    image: [P] index of the pair's image in the batch
-    klass: [P] foreground class index (0-based; segmentation id = klass + 1)
-    slot:  [P] rank of the pair among its image's pairs
-    width: max pairs in one image (K)
-    """
-
-    image: torch.Tensor
-    klass: torch.Tensor
-    slot: torch.Tensor
-    width: int
-
-    @classmethod
-    def from_labels(cls, labels: torch.Tensor, device=None) -> "PresentClasses":
-        """labels: [B, C] multi-hot over foreground classes (best kept on the CPU)."""
-        present = labels.detach().cpu() > 0
-        if not present.any(1).all():
-            raise ValueError("every image needs at least one foreground class label")
-        image, klass = present.nonzero(as_tuple=True)
-        slot = present.long().cumsum(1)[image, klass] - 1
-        width = int(present.sum(1).max())
-        move = dict(device=device, non_blocking=True)
-        return cls(image.to(**move), klass.to(**move), slot.to(**move), width)
-
-    def __len__(self) -> int:
-        return len(self.image)
+# The attention's backward has no batching rule yet: vmap runs it once per slot, which is what
+# it costs anyway, and says so at every step.
+warnings.filterwarnings("ignore", "There is a performance drop because we have not yet "
+                        "implemented the batching rule for aten::_scaled_dot_product")
 
 
 def min_max(x: torch.Tensor) -> torch.Tensor:
@@ -51,32 +26,39 @@ def min_max(x: torch.Tensor) -> torch.Tensor:
     return x / (x.amax((-2, -1), keepdim=True) + 1e-7)
 
 
-def grad_cam(backbone: FrozenCLIP, last_tokens: torch.Tensor, grid: tuple[int, int],
-             pairs: PresentClasses, labels: torch.Tensor, fg_text: torch.Tensor,
-             bg_text: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM of every (image, class) pair in one backward pass.
+def grad_cam(backbone, last_tokens: torch.Tensor, grid: tuple[int, int], pairs: PresentClasses,
+             fg_text: torch.Tensor, bg_text: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of every slot of ``pairs``, on the frozen CLIP ``backbone``.
 
-    last_tokens: [B, 1+hw, D] block N-1 output; labels: [B, C] multi-hot; fg_text: [C, E],
-    bg_text: [G, E] normalised text features. Each pair gets its own copy of block N, so one
-    backward of the summed target scores yields every pair's gradient exactly as if it had been
-    computed alone. The softmax runs over the image's present classes and all background words.
-    The CAM is min-max scaled twice, as the authors' Grad-CAM library does (docs/method.md,
-    section 4), so each map peaks at 1 (to within the 1e-7 guard). Returns CAMs [P, h, w].
+    last_tokens: [B, 1+hw, D] block N-1 output; fg_text: [C, E], bg_text: [G, E] normalised
+    text features. Block N and the CAM head run once per image; the gradients of the K slots'
+    target scores come from one vectorised backward pass (a vector-Jacobian product per slot),
+    each exactly as if computed alone; a padding slot's target is 0, and so is its CAM. The
+    softmax runs over the image's present classes and all background words. The CAM is min-max
+    scaled twice, as the authors' Grad-CAM library does (docs/method.md, section 4), so each map
+    peaks at 1 (to within the 1e-7 guard). Returns CAMs [B, K, h, w].
     """
-    x = last_tokens[pairs.image].detach().float()
-    present = labels.to(x.device)[pairs.image] > 0
+    b, k = pairs.classes.shape
+    x = last_tokens.detach().float()
+    absent = F.pad(~pairs.present, (0, len(bg_text)), value=False)
     text = torch.cat([fg_text, bg_text]).to(x.dtype)
-    with torch.enable_grad():
-        ln_1_out = backbone.visual.transformer.resblocks[-1].ln_1(x).detach().requires_grad_(True)
+
+    def scores(ln_1_out):
         logits = backbone.last_block_scores(x, ln_1_out, text)
-        absent = F.pad(~present, (0, len(bg_text)), value=False)
-        scores = logits.float().masked_fill(absent, float("-inf")).softmax(-1)
-        target = scores.gather(1, pairs.klass[:, None]).sum()
-        grad, = torch.autograd.grad(target, ln_1_out)
-    activation, grad = ln_1_out.detach()[:, 1:].float(), grad[:, 1:].float()
-    weights = grad.mean(1, keepdim=True)  # [P, 1, D]: channel weights
-    cam = (weights * activation).sum(-1).relu()
-    return min_max(min_max(cam.view(-1, *grid)))
+        return logits.float().masked_fill(absent, float("-inf")).softmax(-1)  # [B, T]
+
+    # torch.func rather than torch.autograd: it runs under no_grad, and torch.compile traces it
+    # without breaking the graph.
+    activation = backbone.visual.transformer.resblocks[-1].ln_1(x)
+    _, backward = torch.func.vjp(scores, activation)
+    # Slot k of image b targets its class's score (not F.one_hot, which checks its input on
+    # the host).
+    classes = torch.arange(len(text), device=x.device)
+    targets = ((pairs.classes[..., None] == classes) & pairs.valid[..., None]).to(x.dtype)
+    grad, = torch.func.vmap(backward)(targets.transpose(0, 1))  # [K, B, 1+hw, D]
+    weights = grad[:, :, 1:].float().mean(2).transpose(0, 1)  # [B, K, D]: channel weights
+    cam = (weights @ activation[:, 1:].float().transpose(1, 2)).relu()  # [B, K, hw]
+    return min_max(min_max(cam.view(b, k, *grid)))
 
 
 def box_mask(cams: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:
@@ -92,44 +74,36 @@ def box_mask(cams: torch.Tensor, threshold: float = 0.4) -> torch.Tensor:
     q = (cams.reshape(-1, h, w) * 255).to(torch.uint8).long()
     # In float64, as the reference's Python int(threshold * max) is.
     thresh = (threshold * q.amax((1, 2), keepdim=True).double()).long()
-    region = _connected_components(q > thresh)  # [M, h, w], 0 = outside, else label in 1..hw
+    fg = (q > thresh).flatten(1)  # [M, hw]
+    reach = _reachable(fg, h, w)  # [M, hw, hw]: pixel j in pixel i's region
 
-    # Per label: its rows and columns' extent, by scatter over the flattened grid.
-    m = region.shape[0]
-    ys = torch.arange(h, device=cams.device).view(1, h, 1).expand(m, h, w).reshape(m, -1)
-    xs = torch.arange(w, device=cams.device).view(1, 1, w).expand(m, h, w).reshape(m, -1)
-    labels = region.reshape(m, -1)
-    big = h * w + 1
+    # Each foreground pixel's region's box, from the coordinates of the pixels it reaches.
+    ys = torch.arange(h, device=cams.device).repeat_interleave(w)
+    xs = torch.arange(w, device=cams.device).repeat(h)
 
-    def extent(coords, reduce, init):
-        out = torch.full((m, big), init, device=cams.device, dtype=torch.long)
-        return out.scatter_reduce(1, labels, coords, reduce=reduce)[:, 1:]  # drop label 0
-
-    y0, y1 = extent(ys, "amin", big), (extent(ys, "amax", -1) + 1).clamp(max=h - 1)
-    x0, x1 = extent(xs, "amin", big), (extent(xs, "amax", -1) + 1).clamp(max=w - 1)
+    y0, y1 = ys.where(reach, h).amin(-1), (ys.where(reach, -1).amax(-1) + 1).clamp(max=h - 1)
+    x0, x1 = xs.where(reach, w).amin(-1), (xs.where(reach, -1).amax(-1) + 1).clamp(max=w - 1)
+    # Row y and column x of the grid inside pixel i's box: [M, h, hw] and [M, w, hw].
     yr = torch.arange(h, device=cams.device).view(1, h, 1)
     xr = torch.arange(w, device=cams.device).view(1, w, 1)
-    rows = (yr >= y0[:, None]) & (yr < y1[:, None])  # [M, h, hw]: row y inside box of label
-    cols = (xr >= x0[:, None]) & (xr < x1[:, None])  # [M, w, hw]
+    rows = (yr >= y0[:, None]) & (yr < y1[:, None]) & fg[:, None]
+    cols = (xr >= x0[:, None]) & (xr < x1[:, None])
     mask = torch.bmm(rows.float(), cols.float().transpose(1, 2)) > 0
     return mask.to(cams.dtype).reshape(shape)
 
 
-def _connected_components(fg: torch.Tensor) -> torch.Tensor:
-    """8-connected labelling of [M, h, w] bool maps -> long labels (0 off, else max index + 1).
+def _reachable(fg: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Which foreground pixels are 8-connected to which: [M, hw] bool -> [M, hw, hw] bool.
 
-    Max-label propagation over 3x3 neighbourhoods with pointer jumping; stops at the fixed point.
+    Reachability by squaring the adjacency (with self-loops) of the foreground pixels: after s
+    squarings it holds every path of up to 2**s steps, and a shortest path inside a region of
+    an h x w grid has at most hw - 1 steps, so ceil(log2(hw - 1)) squarings reach the fixed
+    point. A fixed number of batched matrix products: nothing is read back on the host.
     """
-    m, h, w = fg.shape
-    index = torch.arange(1, h * w + 1, device=fg.device).view(1, h, w)
-    labels = torch.where(fg, index, 0)
-    while True:
-        grown = F.max_pool2d(labels[:, None].float(), 3, stride=1, padding=1)[:, 0].long()
-        grown = torch.where(fg, grown, 0)
-        # Jump to the label of the pixel that a label names: it lies in the same region.
-        flat = grown.view(m, -1)
-        jumped = flat.gather(1, (flat - 1).clamp(min=0)).view(m, h, w)
-        grown = torch.where(fg, torch.maximum(grown, jumped), 0)
-        if torch.equal(grown, labels):
-            return labels
-        labels = grown
+    y = torch.arange(h, device=fg.device).repeat_interleave(w)
+    x = torch.arange(w, device=fg.device).repeat(h)
+    near = ((y[:, None] - y).abs() <= 1) & ((x[:, None] - x).abs() <= 1)  # [hw, hw]
+    edges = (near & fg[:, :, None] & fg[:, None, :]).float()
+    for _ in range(math.ceil(math.log2(max(h * w - 1, 1)))):
+        edges = torch.bmm(edges, edges).clamp_(max=1)  # sums of 0/1 paths: 1 where any
+    return edges > 0

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Pixel statistics on the 0-255 scale (docs/method.md, section 1): the authors' code normalises
+# with ImageNet's for CLIP and PAR alike; CLIP's own are an option.
+NORMALIZATION = {
+    "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
+    "clip": ((122.771, 116.746, 104.094), (68.501, 66.632, 70.323)),
+}
+
 
 @dataclass
 class ModelConfig:

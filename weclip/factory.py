@@ -15,30 +15,16 @@ import torch
 
 from .backbone import FrozenCLIP
 from .config import ModelConfig
-from .dataset import ClassInfo
+from .contract import ClassInfo
 from .files import write_atomically
 from .model import WeCLIP
 
 FORMAT = "weclip-model/1"
-# Where weight files named relative to the project (the shipped small CLIP) are found when the
-# working directory is elsewhere.
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-
-
-def resolve_weights(weights: str | None) -> str | None:
-    """A weight file as given if it exists, else relative to the project root if it exists
-    there, else unchanged (an open_clip pretrained tag, or a missing file to report)."""
-    if weights is None or Path(weights).exists():
-        return weights
-    shipped = PROJECT_ROOT / weights
-    return str(shipped) if shipped.exists() else weights
 
 
 def create_model(config: ModelConfig, classes: ClassInfo) -> WeCLIP:
     """A WeCLIP of ``config`` for ``classes``, its decoder untrained."""
-    backbone = FrozenCLIP.from_config(config.arch, resolve_weights(config.weights),
-                                      config.normalization)
-    return WeCLIP(backbone, classes, config)
+    return WeCLIP(FrozenCLIP.from_config(config), classes, config)
 
 
 def save_model(model: WeCLIP, path: str | Path) -> Path:

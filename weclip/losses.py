@@ -35,9 +35,10 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
     return 0.5 * (totals / counts.where(counts > 0, 1)).sum()
 
 
-def radius_mask(h: int, w: int, radius: int) -> torch.Tensor:
+def radius_mask(h: int, w: int, radius: int, device=None) -> torch.Tensor:
     """[hw, hw] float 0/1: 1 where two grid cells are within ``radius`` (Chebyshev distance)."""
-    y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    y, x = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device),
+                          indexing="ij")
     y, x = y.flatten(), x.flatten()
     near = ((y[:, None] - y[None]).abs() <= radius) & ((x[:, None] - x[None]).abs() <= radius)
     return near.float()

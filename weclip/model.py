@@ -1,19 +1,21 @@
 """WeCLIP: frozen CLIP + decoder, trained on its own refined CAMs (docs/method.md, sections 3-5)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import record_function
 
-from .backbone import BackboneFeatures, FrozenCLIP
-from .cam import PresentClasses, box_mask, grad_cam, min_max
+from .backbone import FrozenCLIP
+from .batch import BackboneFeatures, PresentClasses
+from .cam import box_mask, grad_cam, min_max
 from .config import ModelConfig
-from .dataset import ClassInfo
+from .contract import ClassInfo
 from .decoder import Decoder, affinity
 from .par import PAR
+from .profiling import phase
 from .refine import (refine_cams, scaled_layers, select_attention, static_attention,
                      transition_matrix)
 
@@ -58,25 +60,44 @@ class WeCLIP(nn.Module):
         """Segmentation classes, background included."""
         return self.classes.num_classes
 
+    def compile_parts(self) -> "WeCLIP":
+        """Compile the step's parts with torch.compile for training: the backbone, the decoder
+        (as it is then, wrapped for data parallelism or not) and the three parts of the pseudo
+        labels (Grad-CAM, refinement, labelling with PAR), each one whole graph per input
+        size (docs/scaling.md). Evaluation, on whole images of any size, stays eager."""
+        def whole(fn):
+            return torch.compile(fn, fullgraph=True, dynamic=False)
+
+        self._compiled = {"backbone": whole(self.backbone),
+                          "decoder": torch.compile(self.decoder, dynamic=False),
+                          **{name: whole(getattr(self, name)) for name in
+                             ("initial_cams", "refined_cams", "labels_from_cams")}}
+        return self
+
+    def _part(self, name: str):
+        """The part ``name`` (a submodule or a method) as this mode runs it: compiled when
+        training after ``compile_parts``, else as it is."""
+        compiled = getattr(self, "_compiled", {})
+        return compiled[name] if self.training and name in compiled else getattr(self, name)
+
     def features(self, images: torch.Tensor) -> BackboneFeatures:
         """The frozen CLIP's features of images [B, 3, H, W] on the 0-255 scale."""
-        with record_function("backbone forward"):
-            return self.backbone(self.backbone.normalize(images))
+        with phase("backbone forward"):
+            return self._part("backbone")(self.backbone.normalize(images))
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None, *,
-                refinement: str = "rfm", features: BackboneFeatures | None = None,
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | PresentClasses | None = None,
+                *, refinement: str = "rfm", features: BackboneFeatures | None = None,
                 with_affinity: bool = False) -> WeCLIPOutput:
-        """images: [B, 3, H, W] on the 0-255 scale; labels: [B, C] multi-hot foreground classes.
+        """images: [B, 3, H, W] on the 0-255 scale; labels: [B, C] multi-hot foreground classes
+        (on the CPU), or the ``PresentClasses`` a collate function laid out.
 
         Without labels only the decoder runs (and A_f with ``with_affinity``). ``features`` skips the
         backbone (cached tokens). ``refinement`` picks the pseudo labels' CAM refinement.
         """
         features = features if features is not None else self.features(images)
-        with record_function("decoder forward"):
-            logits, fused = self.decoder(features.tokens[:, :, 1:], features.grid)
-        if labels is None and not with_affinity:
-            return WeCLIPOutput(logits)
-        aff = affinity(fused)
+        with phase("decoder forward"):
+            logits, fused = self._part("decoder")(features.tokens[:, :, 1:], features.grid)
+            aff = affinity(fused) if labels is not None or with_affinity else None
         if labels is None:
             return WeCLIPOutput(logits, aff)
         return WeCLIPOutput(logits, aff, self.pseudo_labels(images, labels, features, aff, refinement))
@@ -85,62 +106,67 @@ class WeCLIP(nn.Module):
              refinement: str) -> torch.Tensor:
         """The attention R [B, hw, hw] that ``refinement`` ('static' or 'rfm') walks on
         (section 5); 'rfm' needs the decoder's affinity ``aff`` [B, hw, hw]."""
-        attn = features.attn[:, :, 1:, 1:].float()
+        return self._walk(features.attn, aff, refinement)
+
+    def _walk(self, attn: torch.Tensor, aff: torch.Tensor | None, refinement: str) -> torch.Tensor:
+        attn = attn[:, :, 1:, 1:].float()
         if refinement == "static":
             return static_attention(attn, self.static_layers)
         return select_attention(attn, aff.float(), self.rfm_layers, self.config.rfm_signed)[0]
 
-    def cams(self, images: torch.Tensor, labels: torch.Tensor, features: BackboneFeatures,
-             aff: torch.Tensor | None = None, refinement: str = "rfm"):
-        """CAMs of every present class, refined, at the images' size (sections 4-5).
+    def initial_cams(self, last_tokens: torch.Tensor, grid: tuple[int, int],
+                     pairs: PresentClasses) -> torch.Tensor:
+        """Grad-CAMs [B, K, h, w] of the K slots of each image (section 4)."""
+        return grad_cam(self.backbone, last_tokens, grid, pairs, self.fg_text, self.bg_text)
 
-        images: [B, 3, H, W]; labels: [B, C] multi-hot (best kept on the CPU).
-        Returns (cams [P, H, W] in [0, 1], PresentClasses of the P pairs).
-        """
+    def refined_cams(self, cams: torch.Tensor, attn: torch.Tensor, aff: torch.Tensor | None,
+                     refinement: str, size: tuple[int, int]) -> torch.Tensor:
+        """CAMs [B, K, h, w] refined by ``refinement`` with the attention ``attn`` [B, N, 1+hw,
+        1+hw] (and A_f for 'rfm'), then resized to ``size`` (section 5)."""
+        if refinement != "none":
+            transition = transition_matrix(self._walk(attn, aff, refinement))
+            boxes = box_mask(cams, self.config.box_threshold)
+            cams = min_max(refine_cams(cams, boxes, transition))
+        return F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
+
+    def cams(self, images: torch.Tensor, pairs: PresentClasses, features: BackboneFeatures,
+             aff: torch.Tensor | None = None, refinement: str = "rfm") -> torch.Tensor:
+        """CAMs [B, K, H, W] in [0, 1] of the K slots of each image (0 for padding), refined
+        by ``refinement``, at the images' size (sections 4-5)."""
         if refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, not {refinement!r}")
-        pairs = PresentClasses.from_labels(labels, images.device)
-        with record_function("Grad-CAM"):
-            cams = grad_cam(self.backbone, features.tokens[:, -1], features.grid, pairs, labels,
-                            self.fg_text, self.bg_text)
-        if refinement != "none":
-            with record_function("refinement"):
-                transition = transition_matrix(self.walk(features, aff, refinement))
-                boxes = box_mask(cams, self.config.box_threshold)
-                cams = min_max(refine_cams(cams, boxes, transition, pairs.image))
-        cams = F.interpolate(cams[:, None], size=images.shape[-2:], mode="bilinear",
-                             align_corners=False)[:, 0]
-        return cams, pairs
+        with phase("Grad-CAM"):
+            cams = self._part("initial_cams")(features.tokens[:, -1], features.grid, pairs)
+        with phase("refinement"):
+            return self._part("refined_cams")(cams, features.attn, aff, refinement,
+                                              images.shape[-2:])
+
+    def labels_from_cams(self, images: torch.Tensor, cams: torch.Tensor, pairs: PresentClasses,
+                         par: bool = True) -> torch.Tensor:
+        """Pseudo labels [B, H, W] long from the CAMs [B, K, H, W] of ``pairs``: stacked as
+        [background, CAMs], background = (1 - max CAM) ** power, refined with PAR (``par``);
+        the argmax over the background and the valid slots, as class ids."""
+        background = (1 - cams.amax(1, keepdim=True)) ** self.config.background_power
+        stack = torch.cat([background, cams], 1)
+        if par:
+            stack = self.par(self.backbone.normalize(images), stack)
+        valid = F.pad(pairs.valid, (1, 0), value=True)
+        index = stack.masked_fill(~valid[..., None, None], float("-inf")).argmax(1)
+        class_ids = F.pad(pairs.classes + 1, (1, 0), value=0)
+        return class_ids.gather(1, index.flatten(1)).view_as(index)
 
     @torch.no_grad()
-    def pseudo_labels(self, images: torch.Tensor, labels: torch.Tensor,
+    def pseudo_labels(self, images: torch.Tensor, labels: torch.Tensor | PresentClasses,
                       features: BackboneFeatures, aff: torch.Tensor | None = None,
                       refinement: str = "rfm", par: bool = True) -> torch.Tensor:
-        """Pseudo labels [B, H, W] long of images [B, 3, H, W] (0-255) with labels [B, C].
-
-        The CAMs of ``refinement`` are stacked per image as [background, present classes]
-        (padded to the most classes in one image), background = (1 - max CAM) ** power,
-        refined with PAR (``par``), and the argmax is mapped to class ids. Always in float32,
-        also under autocast: CAMs, the walk's normalisations and PAR need the precision.
-        """
-        with torch.autocast(images.device.type, enabled=False):
-            return self._pseudo_labels(images, labels, features, aff, refinement, par)
-
-    def _pseudo_labels(self, images, labels, features, aff, refinement, par):
-        cams, pairs = self.cams(images, labels, features, aff, refinement)
-        b, (h, w) = images.shape[0], cams.shape[-2:]
-        slots = (pairs.image, 1 + pairs.slot)
-        stack = cams.new_zeros(b, 1 + pairs.width, h, w)
-        stack[slots] = cams
-        stack[:, 0] = (1 - stack[:, 1:].amax(1)) ** self.config.background_power
-        if par:
-            with record_function("PAR"):
-                stack = self.par(self.backbone.normalize(images), stack)
-        valid = torch.zeros(b, 1 + pairs.width, dtype=torch.bool, device=cams.device)
-        valid[:, 0] = True
-        valid[slots] = True
-        index = stack.masked_fill(~valid[..., None, None], float("-inf")).argmax(1)
-        class_ids = torch.zeros(b, 1 + pairs.width, dtype=torch.long, device=cams.device)
-        class_ids[slots] = pairs.klass + 1
-        return class_ids.gather(1, index.flatten(1)).view(b, h, w)
-
+        """Pseudo labels [B, H, W] long of images [B, 3, H, W] (0-255) with ``labels`` (as
+        ``forward`` takes them). Always in float32, also under autocast: CAMs, the walk's
+        normalisations and PAR need the precision."""
+        if not isinstance(labels, PresentClasses):
+            labels = PresentClasses.from_labels(labels).to(images.device)
+        device = images.device.type
+        with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
+              else contextlib.nullcontext()):
+            cams = self.cams(images, labels, features, aff, refinement)
+            with phase("PAR"):
+                return self._part("labels_from_cams")(images, cams, labels, par)

@@ -9,10 +9,16 @@ import torch
 
 def build_optimizer(model, lr: float = 2e-4, decoder_lr_mult: float = 10.0,
                     betas=(0.9, 0.999), weight_decay: float = 0.01) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters (the decoder) at ``lr * decoder_lr_mult``."""
+    """AdamW over the trainable parameters (the decoder) at ``lr * decoder_lr_mult``.
+
+    The fused implementation where torch has one for the parameters' device (CPU and CUDA):
+    one kernel for all parameters instead of a dozen small ones per parameter.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = all(p.device.type in ("cpu", "cuda") for p in params) or None
     return torch.optim.AdamW([{"params": params, "lr": lr * decoder_lr_mult}], lr=lr,
-                             betas=tuple(betas), weight_decay=weight_decay, eps=1e-8)
+                             betas=tuple(betas), weight_decay=weight_decay, eps=1e-8,
+                             fused=fused)
 
 
 def warmup_then_decay(optimizer, warmup_iters: int, warmup: Callable[[int], float],

@@ -16,6 +16,7 @@ class PAR(nn.Module):
 
     forward(images [B, 3, H, W] normalised, masks [B, C, h, w]) -> [B, C, h, w]. Channels are
     refined independently with the same affinity, so padded channels do not disturb others.
+    Neighbours beyond the border are the border pixel (replicate padding).
     """
 
     def __init__(self, dilations=(1, 2, 4, 8, 12, 24), num_iter: int = 20,
@@ -24,46 +25,52 @@ class PAR(nn.Module):
         self.dilations = tuple(dilations)
         self.num_iter = num_iter
         self.colour_weight = colour_weight
-        self.position_weight = position_weight
-        distance = [d * (math.sqrt(2) if dy and dx else 1.0)
-                    for d in self.dilations for dy, dx in _NEIGHBOURS]
-        self.register_buffer("distance", torch.tensor(distance).view(1, 1, -1, 1, 1), persistent=False)
+        offsets = [(dy * d, dx * d) for d in self.dilations for dy, dx in _NEIGHBOURS]
+        distance = torch.tensor([math.hypot(dy, dx) for dy, dx in offsets], dtype=torch.float64)
+        position = -(distance / (distance.std() + 1e-8) / colour_weight) ** 2
+        self.register_buffer("offsets", torch.tensor(offsets), persistent=False)  # [K, 2]
+        # The position term does not depend on the image: its share of the affinity, [K].
+        self.register_buffer("position", (position_weight * position.softmax(0)).float(),
+                             persistent=False)
 
-    def shifted(self, x: torch.Tensor):
-        """Yield the 8 * len(dilations) neighbour views of [B, C, h, w], replicate-padded."""
-        h, w = x.shape[-2:]
-        for d in self.dilations:
-            padded = F.pad(x, [d] * 4, mode="replicate")
-            for dy, dx in _NEIGHBOURS:
-                yield padded[..., d + dy * d:d + dy * d + h, d + dx * d:d + dx * d + w]
+    def neighbours(self, batch: int, h: int, w: int) -> torch.Tensor:
+        """Flat indices [batch * h * w, K] into batch stacked h x w maps of each pixel's K
+        neighbours, clamped to the map (replicate padding)."""
+        dy, dx = self.offsets.int().unbind(1)
+        device = dy.device
+        rows = (torch.arange(h, dtype=torch.int32, device=device)[:, None, None] + dy).clamp(0, h - 1)
+        cols = (torch.arange(w, dtype=torch.int32, device=device)[None, :, None] + dx).clamp(0, w - 1)
+        first = torch.arange(0, batch * h * w, h * w, dtype=torch.int32, device=device)
+        return ((rows * w + cols)[None] + first.view(batch, 1, 1, 1)).view(batch * h * w, -1)
 
-    def neighbours(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, C, h, w] -> [B, C, 8 * len(dilations), h, w]."""
-        return torch.stack(list(self.shifted(x)), dim=2)
-
-    def affinity(self, images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Neighbour weights [B, 1, 8 * len(dilations), h, w] from colour and position."""
-        images = F.interpolate(images, size=size, mode="bilinear", align_corners=True)
-        near = self.neighbours(images)
-        colour = -((near - images.unsqueeze(2)).abs() / (near.std(2, keepdim=True) + 1e-8)
-                   / self.colour_weight) ** 2
-        colour = colour.mean(1, keepdim=True)
-        position = -(self.distance / (self.distance.std(2, keepdim=True) + 1e-8)
-                     / self.colour_weight) ** 2
-        return colour.softmax(2) + self.position_weight * position.softmax(2)
+    def affinity(self, images: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Neighbour weights [B * h * w, K] from colour and position: images [B, 3, h, w] at
+        the masks' size, ``index`` their ``neighbours``."""
+        pixels = images.transpose(0, 1).reshape(3, -1)  # [3, B * hw]
+        near = pixels.index_select(1, index.flatten()).view(3, *index.shape)  # [3, B * hw, K]
+        diff = near.sub_(pixels[..., None])
+        # The neighbours' standard deviation (that of the differences, shifted by the pixel's
+        # own value), in two passes for precision.
+        centred = diff - diff.mean(-1, keepdim=True)
+        std = torch.linalg.vector_norm(centred, dim=-1, keepdim=True) / (index.shape[1] - 1) ** 0.5
+        colour = centred.copy_(diff).abs_().div_(std + 1e-8).div_(self.colour_weight).pow_(2)
+        return colour.mean(0).neg_().softmax(-1).add_(self.position)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(images.dtype, torch.float32)  # half precision is too coarse
-        aff = self.affinity(images.to(dtype), masks.shape[-2:])
-        masks = masks.to(dtype)
-        # One contiguous [B, 1, h, w] weight map per neighbour: strided slices of the
-        # [B, 1, K, h, w] affinity make the products below 50x slower on a CPU.
-        weights = aff.movedim(2, 0).contiguous()
+        b, c, h, w = masks.shape
+        index = self.neighbours(b, h, w)
+        images = F.interpolate(images.to(dtype), size=(h, w), mode="bilinear", align_corners=True)
+        weights = self.affinity(images, index).flatten()
+        # Pixel i's neighbours are entries iK..(i+1)K - 1 of the flat index: one bag each.
+        bags = torch.arange(0, index.numel() + 1, index.shape[1], dtype=index.dtype,
+                            device=index.device)
+        index = index.flatten()
+        x = masks.to(dtype).permute(0, 2, 3, 1).reshape(-1, c)  # [B * hw, C]
         for _ in range(self.num_iter):
-            # Accumulating neighbour by neighbour never holds all shifted copies at once.
-            out = torch.zeros_like(masks)
-            for near, weight in zip(self.shifted(masks), weights):
-                out += near * weight
-            masks = out
-        return masks
+            # Each pixel's weighted sum over its neighbours in one fused gather, without
+            # materialising the K shifted copies of the masks.
+            x = F.embedding_bag(index, x, bags, per_sample_weights=weights, mode="sum",
+                                include_last_offset=True)
+        return x.view(b, h, w, c).permute(0, 3, 1, 2)

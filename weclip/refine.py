@@ -51,13 +51,12 @@ def select_attention(attn: torch.Tensor, affinity: torch.Tensor, last: int = 6,
     return kept * affinity, keep
 
 
-def refine_cams(cams: torch.Tensor, masks: torch.Tensor, transition: torch.Tensor,
-                image: torch.Tensor) -> torch.Tensor:
+def refine_cams(cams: torch.Tensor, masks: torch.Tensor, transition: torch.Tensor) -> torch.Tensor:
     """Propagate each CAM through its image's transition matrix, restricted to its box mask.
 
-    cams, masks: [P, h, w]; transition: [B, hw, hw]; image: [P] index of each CAM's image.
-    (T * mask as a row vector) @ cam equals T @ (mask * cam). Returns [P, h, w], not rescaled.
+    cams, masks: [B, K, h, w], the K CAMs of each image; transition: [B, hw, hw].
+    (T * mask as a row vector) @ cam equals T @ (mask * cam). Returns [B, K, h, w], not rescaled.
     """
-    p, h, w = cams.shape
-    source = (cams * masks).reshape(p, h * w, 1)
-    return torch.bmm(transition[image].to(source.dtype), source).view(p, h, w)
+    b, k, h, w = cams.shape
+    source = (cams * masks).reshape(b, k, h * w).transpose(1, 2)  # [B, hw, K]
+    return torch.bmm(transition.to(source.dtype), source).transpose(1, 2).reshape(b, k, h, w)

@@ -5,26 +5,22 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch.profiler import record_function
 
-from .dataset import Batch
+from .batch import Batch
 from .losses import SumCounts, affinity_labels, affinity_loss, radius_mask, seg_loss
-
-# The phases of a step, as ``record_function`` ranges of the model and of ``TrainStep``
-# (``weclip.benchmark`` times them).
-PHASES = ("backbone forward", "Grad-CAM", "refinement", "PAR", "decoder forward", "losses",
-          "backward + optimiser")
+from .profiling import phase
 
 
 class TrainStep:
     """Forward, losses, backward and optimiser step for a batch.
 
     Keeps the affinity radius mask for the crop's token grid; returns detached loss tensors so
-    that the caller decides when to pay for a device sync. In data-parallel training (the
-    decoder wrapped in DistributedDataParallel, which averages gradients over the ranks)
-    ``sum_counts`` sums the losses' counts over the ranks and ``ranks`` is their number: each
-    rank's loss is then its share of the whole batch's loss times ``ranks``, so the averaged
-    gradient is exactly the whole batch's.
+    that the caller decides when to pay for a device sync. ``amp``: bfloat16 autocast, the
+    frozen backbone cast to bfloat16 once (its block N stays in float32 for Grad-CAM).
+    In data-parallel training (the decoder wrapped in DistributedDataParallel, which averages
+    gradients over the ranks) ``sum_counts`` sums the losses' counts over the ranks and
+    ``ranks`` is their number: each rank's loss is then its share of the whole batch's loss
+    times ``ranks``, so the averaged gradient is exactly the whole batch's.
     """
 
     def __init__(self, model, optimizer, scheduler=None, *, radius: int = 8,
@@ -35,10 +31,12 @@ class TrainStep:
         self.ignore_index, self.amp = ignore_index, amp
         self.sum_counts, self.ranks = sum_counts, ranks
         self._masks = {}
+        if amp:
+            model.backbone.cast_blocks(torch.bfloat16)
 
     def radius_mask(self, grid: tuple[int, int], device) -> torch.Tensor:
         if grid not in self._masks:
-            self._masks[grid] = radius_mask(*grid, self.radius).to(device)
+            self._masks[grid] = radius_mask(*grid, self.radius, device=device)
         return self._masks[grid]
 
     def __call__(self, batch: Batch, refinement: str = "rfm") -> dict[str, torch.Tensor]:
@@ -50,10 +48,10 @@ class TrainStep:
         autocast = (torch.autocast(images.device.type, dtype=torch.bfloat16) if self.amp
                     else contextlib.nullcontext())
         with autocast:
-            out = self.model(images, None if batch.masks is not None else batch.labels,
+            out = self.model(images, None if batch.masks is not None else batch.pairs,
                              refinement=refinement, features=batch.features, with_affinity=True)
             targets = batch.masks if batch.masks is not None else out.pseudo
-            with record_function("losses"):
+            with phase("losses"):
                 logits = F.interpolate(out.logits.float(), size=targets.shape[-2:],
                                        mode="bilinear", align_corners=False)
                 seg = seg_loss(logits, targets, self.ignore_index, self.sum_counts)
@@ -63,7 +61,7 @@ class TrainStep:
                                         self.ignore_index)
                 aff = affinity_loss(out.affinity.float(), pairs, self.sum_counts)
                 loss = seg + self.affinity_weight * aff
-        with record_function("backward + optimiser"):
+        with phase("backward + optimiser"):
             self.optimizer.zero_grad(set_to_none=True)
             (loss * self.ranks).backward()
             self.optimizer.step()

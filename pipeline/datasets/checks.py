@@ -20,8 +20,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from weclip.dataset import (MAX_PIXELS, BadFileError, ClassInfo, Record, load_image, load_mask,
-                            write_dataset)
+from weclip.contract import MAX_PIXELS, ClassInfo, Record, write_dataset
+from weclip.images import BadFileError, load_image, load_mask
 
 log = logging.getLogger(__name__)
 

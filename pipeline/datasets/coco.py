@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from weclip.dataset import MAX_PIXELS, ClassInfo, Record
+from weclip.contract import MAX_PIXELS, ClassInfo, Record
 
 from .checks import write_checked_dataset
 from .download import download_and_extract

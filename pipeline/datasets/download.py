@@ -8,7 +8,6 @@ target folder. ``download_and_extract`` chains the two and skips both once extra
 """
 from __future__ import annotations
 
-import hashlib
 import http.client
 import os
 import tarfile
@@ -19,7 +18,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-CHUNK = 1 << 20
+from weclip.files import CHUNK, file_digest
+
 CHECKSUM_ALGORITHMS = {32: "md5", 64: "sha256"}  # hex digest length -> algorithm
 
 # The stdlib's own tar guard where this Python has it (3.10.12+, 3.11.4+, 3.12+); the checks in
@@ -43,18 +43,6 @@ def parse_checksum(checksum: str) -> tuple[str, str]:
         raise ValueError(f"checksum {checksum!r}: expected 'md5:<hex>', 'sha256:<hex>' "
                          "or a bare md5/sha256 hex digest")
     return algorithm, digest.lower()
-
-
-def file_digest(path: str | Path, algorithm: str) -> str:
-    """Hex digest of a file, read in chunks with a progress bar."""
-    path = Path(path)
-    digest = hashlib.new(algorithm)
-    with open(path, "rb") as f, tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                                     desc=f"{algorithm} {path.name}", leave=False) as bar:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            bar.update(len(chunk))
-    return digest.hexdigest()
 
 
 def download(url: str, dest: str | Path, *, checksum: str | None = None,
@@ -113,7 +101,7 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
 
 
 def _verify(path: Path, algorithm: str, expected: str, url: str, remove: bool) -> None:
-    actual = file_digest(path, algorithm)
+    actual = file_digest(path, algorithm, progress=True)
     if actual == expected:
         return
     if remove:

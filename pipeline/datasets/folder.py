@@ -34,7 +34,7 @@ from pathlib import Path
 
 import yaml
 
-from weclip.dataset import MAX_PIXELS, ClassInfo, Record
+from weclip.contract import MAX_PIXELS, ClassInfo, Record
 
 from .checks import write_checked_dataset
 from .voc import VOC_BACKGROUND

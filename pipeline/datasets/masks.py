@@ -9,16 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
-from weclip.files import write_atomically
-
-
-def save_mask(mask: np.ndarray, path: str | Path) -> None:
-    """Save a [H, W] array of class ids (0..255) as a single-channel PNG, atomically."""
-    picture = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
-    write_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
+from weclip.images import save_label_map
 
 
 def write_masks(jobs: Sequence[tuple[Path, Callable[[], np.ndarray]]], desc: str) -> None:
@@ -27,5 +20,5 @@ def write_masks(jobs: Sequence[tuple[Path, Callable[[], np.ndarray]]], desc: str
     with tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc=desc, unit=" masks") as bar:
         for path, render in todo:
             path.parent.mkdir(parents=True, exist_ok=True)
-            save_mask(render(), path)
+            save_label_map(render(), path)
             bar.update()

@@ -26,7 +26,7 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-from weclip.dataset import MAX_PIXELS, ClassInfo, Record
+from weclip.contract import MAX_PIXELS, ClassInfo, Record
 
 from .checks import write_checked_dataset
 from .download import download_and_extract

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from weclip.dataset import ClassInfo, Record, write_dataset
+from weclip.contract import ClassInfo, Record, write_dataset
 from weclip.files import write_atomically
 
 SPLITS = ("pretrain", "train", "val")

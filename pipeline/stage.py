@@ -1,22 +1,35 @@
-"""What several stages share: their steps, scoring a model on a split, stopping cleanly on a
-signal, and one writer per output folder."""
+"""What every stage that works on a device shares (train, cache, infer): its device and process
+group, one writer per output folder, stopping cleanly on a signal, its steps, and the one resume
+policy for outputs made with other settings.
+
+    with stage(out, params.train.device) as run:   # run.device, run.stop (an Event)
+        ...                                          # rank 0 holds out's lock
+
+Resume policy (docs/running.md): a resumable output records the settings it was made with (a
+fingerprint); a run with other settings discards it, says so in one warning line (the console
+and the Prefect run), and starts afresh. An output that cannot be read is an error that names
+it; nothing is deleted then.
+"""
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import shutil
 import signal
 import threading
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
 
-from weclip import WeCLIP, predict
-from weclip.dataset import EvalDataset
-from weclip.metrics import confusion_matrix
+from . import distributed
 
 T = TypeVar("T")
+log = logging.getLogger("pipeline")
 
 
 def run_step(name: str, fn: Callable[[], T], detail: str = "") -> T:
@@ -27,33 +40,33 @@ def run_step(name: str, fn: Callable[[], T], detail: str = "") -> T:
     return fn()
 
 
-@torch.no_grad()
-def score(model: WeCLIP, dataset: EvalDataset, device, limit: int | None = None,
-          pseudo: bool = True, prediction: bool = True) -> dict[str, torch.Tensor]:
-    """Confusion matrices [C+1, C+1] of the pseudo labels (RFM + PAR, from the image labels) and
-    of the single-scale prediction over the first ``limit`` images of ``dataset`` with masks."""
-    model.eval()
-    c = model.num_classes
-    out = {k: torch.zeros(c, c, dtype=torch.long) for k, on in
-           (("pseudo", pseudo), ("prediction", prediction)) if on}
-    for i in dataset.with_masks(limit):
-        item = dataset[i]
-        image = item.image[None].to(device)
-        if pseudo:
-            labels = model(image, item.labels[None]).pseudo[0].cpu()
-            out["pseudo"] += confusion_matrix(labels, item.mask, c)
-        if prediction:
-            probs = predict(model, image, scales=(1.0,), flip=False, long_side=None)
-            out["prediction"] += confusion_matrix(probs.argmax(1)[0].cpu(), item.mask, c)
-    return out
-
-
 class Stopped(RuntimeError):
     """A stage stopped by SIGTERM or SIGINT after saving its progress; rerunning it resumes."""
 
 
+@dataclass
+class Run:
+    """A stage's run: its device, and the Event that SIGTERM or SIGINT set."""
+
+    device: torch.device
+    stop: threading.Event
+
+
 @contextmanager
-def stop_requests():
+def stage(out: Path, device: str) -> Iterator[Run]:
+    """Open a stage writing ``out`` on ``device`` (a params device name): join the process
+    group (under torchrun), hold ``out``'s lock on rank 0, and turn SIGTERM and SIGINT into
+    ``Run.stop`` for the block."""
+    run_device = distributed.local_device(device)
+    distributed.init(run_device)
+    with ExitStack() as stack:
+        if distributed.is_main():
+            stack.enter_context(exclusive(out))
+        yield Run(run_device, stack.enter_context(stop_requests()))
+
+
+@contextmanager
+def stop_requests() -> Iterator[threading.Event]:
     """Within the block SIGTERM and SIGINT (a job scheduler, `kill`, Ctrl-C, a cancelled
     `dvc repro`) set the yielded Event instead of ending the process, so that the stage stops
     at its next safe point (after an iteration, an image or a shard) with its progress saved.
@@ -89,3 +102,13 @@ def exclusive(folder: Path):
         lock.write(f"pid {os.getpid()}\n")
         lock.flush()
         yield
+
+
+def discard_stale(path: Path, what: str) -> None:
+    """The resume policy's one action: ``path`` (a file or folder) was made with other
+    settings; remove it and say so."""
+    log.warning("%s: %s made with other settings; starting afresh", path, what)
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
