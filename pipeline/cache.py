@@ -10,6 +10,7 @@ the others wait; every rank returns only once all shards are written.
 """
 from __future__ import annotations
 
+import errno
 import shutil
 import threading
 from pathlib import Path
@@ -21,6 +22,7 @@ from tqdm import tqdm
 
 from weclip.backbone import FrozenCLIP
 from weclip.contract import multi_hot, read_classes, read_manifest
+from weclip.files import NoSpaceError
 from weclip.images import load_image
 
 from . import distributed
@@ -46,7 +48,8 @@ def cache(params: Params, step=run_step) -> Path:
         backbone = FrozenCLIP.from_config(params.model)
         return write_cache(backbone, params.dataset_dir, params.train.split, path,
                            size=params.train.crop_size, batch_size=params.cache.batch_size,
-                           device=run.device, step=step, stop=run.stop)
+                           shard_size=params.cache.shard_size, device=run.device, step=step,
+                           stop=run.stop)
 
 
 def fixed_view(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -111,9 +114,16 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
             tokens.append(features.tokens.half().cpu())
             attn.append(features.attn.half().cpu())
             bar.update(len(batch))
-        group["images"][start:end] = views.numpy()
-        group["tokens"][start:end] = torch.cat(tokens).numpy()
-        group["attn"][start:end] = torch.cat(attn).numpy()
+        arrays = {"images": views.numpy(), "tokens": torch.cat(tokens).numpy(),
+                  "attn": torch.cat(attn).numpy()}
+        try:
+            for name, array in arrays.items():
+                group[name][start:end] = array
+        except OSError as e:  # a shard file is written whole or not at all
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            needed = sum(a.nbytes for a in arrays.values())  # before compression
+            raise NoSpaceError(out_path, needed, "up to ") from None
         group["done"][start:end] = True  # last: the rows count only once all is written
 
     with tqdm(total=total, initial=total - left, desc=f"cache {split}{share}", unit="img",

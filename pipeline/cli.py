@@ -6,6 +6,7 @@ the traceback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import traceback
@@ -57,6 +58,14 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v",
     """WeCLIP: weakly supervised semantic segmentation on a frozen CLIP."""
     if verbose:
         os.environ["WECLIP_DEBUG"] = "1"  # for the processes a command starts too
+    # The stages' log lines (figures, warnings) on the console, with the time.
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s",
+                                           "%H:%M:%S"))
+    stages = logging.getLogger("pipeline")
+    stages.addHandler(console)
+    stages.setLevel(logging.INFO)
+    stages.propagate = False  # a library's root handler would print every line twice
 
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="the parameters file")
@@ -86,9 +95,7 @@ _EXPONENT = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
 
 def _report(flow, params, tags: Optional[list[str]]) -> None:
     """Run the stage's ``flow`` (pipeline/flows.py) on ``params`` and print what it returns."""
-    from .flows import run_flow
-
-    typer.echo(run_flow(flow, params, tags))
+    typer.echo(flow(params, tags))
 
 
 def _spread(stage: str, nproc: int, params_path: Path, overrides, tags, plain: Callable,

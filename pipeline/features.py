@@ -66,10 +66,14 @@ def backbone_attributes(backbone: FrozenCLIP) -> dict:
 
 
 def open_store(path: Path, mode: str = "r") -> zarr.Group:
+    """The store at ``path``; one that is missing or cannot be read is an error naming it."""
     try:
         return zarr.open_group(path, mode=mode, zarr_format=3)
     except FileNotFoundError:
         raise FileNotFoundError(f"{path}: not a feature cache (no zarr group)") from None
+    except Exception as e:  # zarr raises many types for damaged metadata
+        raise ValueError(f"{path}: not a readable feature cache ({type(e).__name__}: {e}); "
+                         "delete it to write it again") from None
 
 
 def create_store(path: Path, attributes: dict, labels: np.ndarray, depth: int, width: int,

@@ -11,13 +11,13 @@ segments every N-th image; every output is per image, so no two ranks write the 
 """
 from __future__ import annotations
 
-import multiprocessing
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from weclip.crf import dense_crf
@@ -28,6 +28,7 @@ from weclip.images import load_image, overlay, save_label_map, write_image
 from weclip.inference import predict
 
 from . import distributed
+from .orphans import die_with_parent, forkserver
 from .params import InferParams, Params, params_fingerprint
 from .stage import Run, Stopped, discard_stale, run_step, stage
 
@@ -68,12 +69,10 @@ def _infer(params: Params, model_path: str | Path, run: Run, step) -> None:
     model = load_model(model_path, device)
     data = EvalDataset(params.dataset_dir, p.split)
     todo = [i for i in distributed.shard(range(len(data)))
-            if not (out / "crf" / f"{data.records[i].image_id}.png").exists()]
-    # The CRF workers leave Ctrl-C to this process, which finishes their images and stops.
-    # Forkserver workers, not forked ones: a forked worker would hold this run's folder lock
-    # (and Prefect's threads) past a kill -9 of this process.
-    with (ProcessPoolExecutor(max_workers=p.workers, initializer=_ignore_interrupts,
-                              mp_context=multiprocessing.get_context("forkserver")) as pool,
+            if not all(_written(out / v / f"{data.records[i].image_id}.png") for v in VARIANTS)]
+    # Forkserver workers, not forked ones: a forked worker would hold this run's folder lock.
+    with (ProcessPoolExecutor(max_workers=p.workers, initializer=_crf_worker,
+                              mp_context=forkserver()) as pool,
           tqdm(total=len(todo), desc=f"infer {p.split}", unit="image",
                disable=not distributed.is_main()) as bar):
         for first in range(0, len(todo), CHUNK):
@@ -115,7 +114,24 @@ def _segment(model, data: EvalDataset, indices: list[int], out: Path, p: InferPa
         job.result()
 
 
-def _ignore_interrupts() -> None:
+def _written(path: Path) -> bool:
+    """Whether an output of an earlier run is there to be kept. Written whole or not at all by
+    this program, one that does not open was damaged outside it: an error that names it."""
+    if not path.exists():
+        return False
+    try:
+        with Image.open(path) as image:
+            image.verify()
+    except Exception as e:  # Pillow raises many types for damaged files
+        raise ValueError(f"{path}: a damaged output of an earlier run ({type(e).__name__}); "
+                         "delete it to make it again") from None
+    return True
+
+
+def _crf_worker() -> None:
+    """A CRF worker ends with its fork server and leaves Ctrl-C to the stage, which finishes
+    the images under way and stops."""
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
@@ -139,7 +155,7 @@ def export_pseudo_labels(model, data: EvalDataset, out: Path, device, stop) -> P
     ends early when the Event ``stop`` is set)."""
     out.mkdir(parents=True, exist_ok=True)
     todo = [i for i in distributed.shard(range(len(data)))
-            if not (out / f"{data.records[i].image_id}.png").exists()]
+            if not _written(out / f"{data.records[i].image_id}.png")]
     for i in tqdm(todo, desc="pseudo labels", unit="image", disable=not distributed.is_main()):
         if stop.is_set():
             break

@@ -56,6 +56,7 @@ class DataParams:
 class CacheParams:
     path: str = "data/cache/train.zarr"
     batch_size: int = 8
+    shard_size: int = 64  # images per shard file (the unit of work and of resuming)
     device: str = "auto"
     nproc: int = 1  # processes (GPUs) that share the images
 
@@ -231,6 +232,7 @@ CHECKS = {
     "model.dropout": _between(0, 1),
     "model.box_threshold": _between(0, 1),
     "cache.batch_size": _at_least(1),
+    "cache.shard_size": _at_least(1),
     "cache.device": _device,
     "cache.nproc": _at_least(1),
     "train.features": _one_of("online", "cache"),
@@ -267,7 +269,7 @@ CHECKS = {
         None if scales and all(s > 0 for s in scales)
         else "must be a non-empty list of numbers greater than 0"),
     "infer.long_side": _at_least(1),
-    "infer.workers": _at_least(0),
+    "infer.workers": _at_least(1),  # CRF processes
     "infer.device": _device,
     "infer.nproc": _at_least(1),
     "evaluate.train_images": _at_least(1),

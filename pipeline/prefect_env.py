@@ -1,30 +1,34 @@
-"""Prefect settings for runs started from this project, and one server for a whole pipeline.
+"""Prefect settings for runs started from this project, and the Prefect server the runs report to.
 
-Without ``PREFECT_API_URL`` each command starts Prefect's temporary local server on the SQLite
-database under ``PREFECT_HOME`` (``.prefect/`` in the working directory by default), so
-``PREFECT_HOME=.prefect prefect server start`` later shows every run in the UI. That costs a
-server start per command, and the UI is browsable only afterwards; so `make repro` runs
+A stage reports to ``PREFECT_API_URL`` when it is set; otherwise it starts a local server of its
+own on the SQLite database under ``PREFECT_HOME`` (``.prefect/`` in the working directory by
+default), which ends with it. That costs a server start per command, so `make repro` runs
 ``python -m pipeline.prefect_env serve -- dvc repro``, which starts one server on the same
 database for all the stages and stops it at the end, and `weclip ui` (`make ui`) serves the
-UI on that database.
+UI on that database. Every server started here dies with the process that started it.
 """
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from .orphans import die_with_parent
+
 DEFAULTS = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    # The temporary server can take a while to start on a busy 2-core machine.
-    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
     "PREFECT_LOGGING_LEVEL": "INFO",
-    # The stages' own warnings (pipeline.stage's log) in the run's log too.
-    "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline",
+    # A server that does not answer costs a report at most 10 s and 2 retries, in the
+    # monitor's thread (pipeline/monitor.py), never in a stage's.
+    "PREFECT_API_REQUEST_TIMEOUT": "10",
+    "PREFECT_CLIENT_MAX_RETRIES": "2",
 }
+# How long a server started here may take to answer (a busy 2-core machine is slow).
+STARTUP_SECONDS = 180
 
 
 def configure() -> None:
@@ -37,16 +41,8 @@ def configure() -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 
 
-def _local_server() -> tuple[str, list[str]]:
-    """The API address of a server on this machine at PREFECT_SERVER_API_PORT, and the command
-    that starts it on PREFECT_HOME. The port is 4200 by default here, not in configure(): the
-    temporary servers take a free one."""
-    port = os.environ.get("PREFECT_SERVER_API_PORT", "4200")
-    return f"http://127.0.0.1:{port}/api", [sys.executable, "-m", "prefect", "server", "start",
-                                            "--port", port]
-
-
-def _answers(api: str) -> bool:
+def answers(api: str) -> bool:
+    """Whether a Prefect API answers at ``api`` (within 2 s)."""
     try:
         with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
             return response.status == 200
@@ -54,54 +50,77 @@ def _answers(api: str) -> bool:
         return False
 
 
-def _start_server(api: str, command: list[str]) -> subprocess.Popen:
-    """The server in the background, its output in PREFECT_HOME/server.log; returns once it
-    answers."""
+def start_server(port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """A Prefect server on PREFECT_HOME at ``port`` (a free one if None), its output in
+    PREFECT_HOME/server.log, ending with this process: (its API address, the process). It
+    answers some seconds later (``wait_for``)."""
+    if port is None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
     log = Path(os.environ["PREFECT_HOME"]) / "server.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
-    while not _answers(api):
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start",
+                                   "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                  preexec_fn=die_with_parent)
+    return f"http://127.0.0.1:{port}/api", server
+
+
+def wait_for(api: str, server: subprocess.Popen) -> bool:
+    """Wait until the server started at ``api`` answers; False if it ended or took too long."""
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while not answers(api):
         if server.poll() is not None or time.monotonic() > deadline:
-            server.terminate()
-            raise SystemExit(f"error: the Prefect server did not start; see {log}")
+            return False
         time.sleep(0.5)
-    return server
+    return True
+
+
+def stop(server: subprocess.Popen | None) -> None:
+    if server is not None:
+        server.terminate()
+        server.wait()
 
 
 def serve(command: list[str]) -> int:
     """Run ``command`` with every Prefect run in it reporting to one server; its exit code.
 
-    The server is PREFECT_API_URL's when set, else a local one (_local_server): the one already
-    answering (`make ui` in another terminal), or one started for the command and stopped
-    after it, whatever the command's outcome.
+    The server is PREFECT_API_URL's when set, else a local one at PREFECT_SERVER_API_PORT
+    (4200): the one already answering (`make ui` in another terminal), or one started for the
+    command and stopped after it, whatever the command's outcome.
     """
     configure()
     if os.environ.get("PREFECT_API_URL"):
         return subprocess.run(command).returncode
-    api, start = _local_server()
-    server = None if _answers(api) else _start_server(api, start)
+    port = int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
+    api, server = f"http://127.0.0.1:{port}/api", None
+    if not answers(api):
+        api, server = start_server(port)
+        if not wait_for(api, server):
+            stop(server)
+            sys.exit(f"error: the Prefect server did not start; see "
+                     f"{Path(os.environ['PREFECT_HOME']) / 'server.log'}")
     print(f"Prefect UI at {api.removesuffix('/api')} (runs on {os.environ['PREFECT_HOME']})",
           flush=True)
     try:
         return subprocess.run(command, env={**os.environ, "PREFECT_API_URL": api}).returncode
     finally:
-        if server:
-            server.terminate()
-            server.wait()
+        stop(server)
 
 
 def ui() -> int:
     """Serve the UI on PREFECT_HOME in the foreground, unless a server already answers."""
     configure()
-    api, start = _local_server()
+    port = os.environ.get("PREFECT_SERVER_API_PORT", "4200")
+    api = f"http://127.0.0.1:{port}/api"
     if os.environ.get("PREFECT_API_URL"):
         print(f"PREFECT_API_URL is set: the runs are on {os.environ['PREFECT_API_URL']}")
-    elif _answers(api):
+    elif answers(api):
         print(f"a Prefect server is already running: open {api.removesuffix('/api')}")
-    else:
-        return subprocess.run(start).returncode  # it prints the address; Ctrl-C stops it
+    else:  # it prints the address; Ctrl-C stops it
+        return subprocess.run([sys.executable, "-m", "prefect", "server", "start",
+                               "--port", port]).returncode
     return 0
 
 

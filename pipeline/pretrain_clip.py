@@ -30,7 +30,7 @@ from pipeline.datasets.world import describe, read_captions
 from weclip.backbone import embed, normalize, run_block
 from weclip.contract import read_classes, read_manifest
 from weclip.images import load_image, load_mask
-from weclip.files import write_atomically
+from weclip.files import torch_bytes, write_atomically
 from weclip.model_configs import TINY_CLIP, register_model_configs
 from weclip.optim import cosine_warmup
 from weclip.refine import scaled_layers
@@ -407,5 +407,5 @@ def _save_checkpoint(path: Path, settings: dict, model: torch.nn.Module,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
     state = {"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "step": step}
-    write_atomically(path, lambda tmp: torch.save(state, tmp))
+    write_atomically(path, torch_bytes(state))
 

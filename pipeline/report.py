@@ -60,7 +60,7 @@ def write_tables(table: pd.DataFrame, out_dir: str | Path, name: str = "iou") ->
     # tabulate prints NaN as 'nan' whatever ``missingval`` says; only None counts as missing.
     markdown = table.astype(object).where(table.notna(), None).to_markdown(
         floatfmt=".1f", missingval="-")
-    md_path = write_atomically(out_dir / f"{name}.md", lambda tmp: tmp.write_text(markdown + "\n"))
+    md_path = write_atomically(out_dir / f"{name}.md", markdown + "\n")
     return csv_path, md_path
 
 
@@ -122,7 +122,7 @@ def write_metrics(metrics: dict, path: str | Path) -> Path:
         str(k) for k in metrics if k not in HEADLINE_GROUPS)
     ordered = {key: metrics[key] for key in order}
     text = json.dumps(_plain(ordered), indent=2) + "\n"
-    return write_atomically(path, lambda tmp: tmp.write_text(text))
+    return write_atomically(path, text)
 
 
 def write_per_class_iou(table: pd.DataFrame, path: str | Path) -> Path:

@@ -28,13 +28,14 @@ from weclip.batch import Batch
 from weclip.contract import read_classes
 from weclip.dataset import EvalDataset, TrainDataset
 from weclip.factory import create_model, save_model
-from weclip.files import write_atomically
+from weclip.files import torch_bytes, write_atomically
 from weclip.metrics import mean_iou
 from weclip.optim import build_optimizer, poly_warmup
 from weclip.training import TrainStep
 
 from . import distributed
 from .features import CachedFeatures
+from .orphans import die_with_parent, forkserver
 from .params import Params, params_fingerprint
 from .scoring import score
 from .stage import Run, Stopped, discard_stale, run_step, stage
@@ -205,7 +206,7 @@ class Training:
             state = {"format": CHECKPOINT_FORMAT, "iteration": done, "fingerprint": self.fingerprint,
                      "decoder": self.decoder.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "rng": rng}
-            write_atomically(self.checkpoint, lambda tmp: torch.save(state, tmp))
+            write_atomically(self.checkpoint, torch_bytes(state))
 
     def finish(self) -> Path:
         """Write model.pt (rank 0); returns its path."""
@@ -266,22 +267,25 @@ def _batches(data, batch_size: int, seed: int, start: int, workers: int, pin_mem
         batches = order[:per_epoch * batch_size].view(per_epoch, ranks, per_rank)[skip:, rank]
         skip = 0
         data.epoch = epoch  # TrainDataset seeds its augmentation with it
-        # Workers forked from a process running Prefect's threads die at start; forkserver
-        # workers start from a clean process.
-        context = "forkserver" if workers else None
         yield from torch.utils.data.DataLoader(
             data, batch_sampler=batches.tolist(), num_workers=workers, generator=generator,
             collate_fn=partial(Batch.collate, slots=slots), pin_memory=pin_memory,
-            multiprocessing_context=context)
+            multiprocessing_context=forkserver() if workers else None,
+            worker_init_fn=die_with_parent if workers else None)
 
 
 def _trim_csv(path: Path, columns, keep_below: int) -> None:
     """Keep the header and rows of iterations below ``keep_below``: rows an interrupted run
-    logged after its last checkpoint are redone on resume."""
+    logged after its last checkpoint are redone on resume. A file that is not such a table is
+    an error naming it."""
     rows = []
     if path.exists():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < keep_below]
+        try:
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) < keep_below]
+        except (KeyError, ValueError, TypeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a table of this run's iterations ({type(e).__name__}: "
+                             f"{e}); delete it and checkpoint.pt to train afresh") from None
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()

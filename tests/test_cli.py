@@ -3,6 +3,7 @@ what it did through the Prefect API: run names, tasks, log lines, artifacts, sta
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import urllib.request
@@ -105,7 +106,6 @@ def test_stages_run_as_prefect_flows_that_report_what_they_did(prefect_server, t
 
 def test_one_server_serves_a_whole_command_and_stops_after_it(tmp_path):
     """What `make repro` runs: `dvc repro` under one Prefect server on .prefect/."""
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -123,6 +123,38 @@ def test_one_server_serves_a_whole_command_and_stops_after_it(tmp_path):
     assert (tmp_path / ".prefect" / "prefect.db").exists()
     with pytest.raises(OSError):  # stopped
         urllib.request.urlopen(f"{api}/health", timeout=2)
+
+
+def test_the_server_of_a_killed_serve_ends_with_it(tmp_path):
+    import signal
+    import time
+    import uuid
+
+    from helpers import survivors
+
+    marker = uuid.uuid4().hex
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env.update(PREFECT_HOME=str(tmp_path / ".prefect"), PREFECT_SERVER_API_PORT=str(port),
+               WECLIP_TEST_RUN=marker)
+    serve = subprocess.Popen([sys.executable, "-m", "pipeline.prefect_env", "serve", "--",
+                              sys.executable, "-c", "import time; time.sleep(600)"], env=env,
+                             stdout=subprocess.PIPE, text=True)
+    assert serve.stdout.readline().startswith("Prefect UI at")  # the server answers
+    deadline = time.monotonic() + 30
+    while len(survivors(marker)) < 3 and time.monotonic() < deadline:  # the command runs
+        time.sleep(0.2)
+    serve.kill()
+    serve.wait()
+    deadline = time.monotonic() + 10
+    while len(survivors(marker)) > 1 and time.monotonic() < deadline:  # the command lives on
+        time.sleep(0.2)
+    (command,) = survivors(marker)
+    os.kill(command, signal.SIGKILL)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2)
 
 
 def test_a_failed_stage_ends_in_one_line_and_is_recorded_as_a_failed_run(prefect_server, tmp_path):

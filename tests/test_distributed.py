@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from pipeline import distributed
 from pipeline.cache import write_cache
-from helpers import read_rows
+from helpers import files, read_rows
 from weclip import FrozenCLIP
 from weclip.config import ModelConfig
 
@@ -67,11 +67,6 @@ def _write_cache(configs, weights, dataset, out):
 def computed(out):
     """What each rank of the last write to ``out`` computed."""
     return [json.loads(p.read_text()) for p in sorted(out.parent.glob(f"{out.name}.rank*.json"))]
-
-
-def files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])

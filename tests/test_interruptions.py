@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import yaml
 import zarr
 from PIL import Image
 
-from helpers import read_rows
+from helpers import files, read_rows, survivors
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # dvc and weclip of this environment
@@ -33,13 +34,18 @@ module.{stage}(params)
 @pytest.fixture
 def run_python(tiny_arch_configs):
     """Start Python ``code`` with ``args`` (sys.argv[2:]) in a fresh process that knows the tiny
-    architecture, as the CLI's ranks run a stage (without Prefect)."""
+    architecture, as the CLI's ranks run a stage (without Prefect); marked so that ``kill``
+    finds every process it starts."""
+    marker = uuid.uuid4().hex
+
     def start(code, *args):
         code = f"import sys, open_clip\nopen_clip.add_model_config(sys.argv[1])\n{code}"
-        return subprocess.Popen([sys.executable, "-c", code, str(tiny_arch_configs),
-                                 *map(str, args)],
-                                stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        process = subprocess.Popen([sys.executable, "-c", code, str(tiny_arch_configs),
+                                    *map(str, args)], stderr=subprocess.PIPE, text=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": "1",
+                                        "WECLIP_TEST_RUN": marker})
+        process.marker = marker
+        return process
 
     return start
 
@@ -56,12 +62,24 @@ def run_stage(run_python, tmp_path):
 
 
 def wait_for_rows(process, csv_path, rows, timeout=120):
-    """Wait until ``csv_path`` has ``rows`` data rows (or the process ended)."""
+    """Wait until ``csv_path`` has ``rows`` data rows; fails if the process ends first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and process.poll() is None:
-        if csv_path.exists() and len(csv_path.read_text().splitlines()) > rows:
-            return
+    while not (csv_path.exists() and len(csv_path.read_text().splitlines()) > rows):
+        assert process.poll() is None, f"the run ended before {rows} rows of {csv_path.name}"
+        assert time.monotonic() < deadline, f"no {rows} rows of {csv_path.name} in time"
         time.sleep(0.05)
+
+
+def kill(process) -> None:
+    """kill -9 a run that is still running, and every process it started (its workers, its
+    fork server), which must end with it."""
+    assert process.poll() is None, "the run ended before it could be killed"
+    process.kill()
+    assert process.wait() == -signal.SIGKILL
+    deadline = time.monotonic() + 10
+    while survivors(process.marker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert survivors(process.marker) == [], "processes of the killed run live on"
 
 
 def assert_same_run(whole, resumed):
@@ -102,8 +120,7 @@ def test_training_killed_twice_resumes_to_the_same_model(run_stage, long_params,
     for rows in (5, 13):  # between checkpoints, once before and once after an evaluation
         process = run_stage("train", long_params(tmp_path / "killed"))
         wait_for_rows(process, tmp_path / "killed" / "losses.csv", rows)
-        process.kill()
-        process.wait()
+        kill(process)
     assert run_stage("train", long_params(tmp_path / "killed")).wait(timeout=300) == 0
     assert_same_run(tmp_path / "whole", tmp_path / "killed")
 
@@ -116,8 +133,7 @@ def test_a_second_run_on_the_same_folder_is_refused(run_stage, long_params, tmp_
     wait_for_rows(first, tmp_path / "run" / "losses.csv", 1)
     with pytest.raises(ValueError, match=r"run: another weclip run \(pid \d+\) is writing here"):
         train(long_params(tmp_path / "run"))
-    first.kill()
-    first.wait()
+    kill(first)
     with exclusive(tmp_path / "run"):  # the lock died with its process
         pass
 
@@ -147,18 +163,16 @@ def kill_at_random_points(start, progress, points, seed=0):
     draw = random.Random(seed)
     for point in points:
         process = start()
-        while process.poll() is None and progress() < point:
+        while progress() < point:
+            assert process.poll() is None, f"the run ended before {point} units of progress"
             time.sleep(0.001)
         time.sleep(draw.uniform(0, 0.02))
-        process.kill()
-        process.wait()
+        kill(process)
         yield
 
 
 def test_inference_killed_at_random_points_resumes_to_the_same_files(
         run_stage, long_params, toy_dataset, tmp_path):
-    from test_distributed import files
-
     from weclip.images import load_mask
 
     add_images(toy_dataset / "prepared" / "toy", "val", 10)  # 12 val images
@@ -238,8 +252,9 @@ def dvc_project(folder: Path) -> Path:
 
 
 def test_a_dvc_repro_killed_during_training_ends_as_an_unbroken_one(prefect_server, tmp_path):
+    marker = uuid.uuid4().hex
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-           "PREFECT_API_URL": prefect_server, "OMP_NUM_THREADS": "1"}
+           "PREFECT_API_URL": prefect_server, "OMP_NUM_THREADS": "1", "WECLIP_TEST_RUN": marker}
 
     def repro(project):
         with open(project / "repro.log", "a") as log:
@@ -257,6 +272,8 @@ def test_a_dvc_repro_killed_during_training_ends_as_an_unbroken_one(prefect_serv
     wait_for_rows(process, killed / "runs" / "train" / "losses.csv", 3, timeout=600)
     os.killpg(process.pid, signal.SIGKILL)  # dvc and the stage it runs, as a lost job
     process.wait()
+    time.sleep(1)
+    assert survivors(marker) == [], "processes of the killed run live on"
     assert not (killed / "runs" / "train" / "model.pt").exists(), "killed during training"
     finished(repro(killed), killed)
     for name in ("reports/metrics.json", "runs/train/eval.csv", "runs/train/losses.csv"):

@@ -69,7 +69,7 @@ def write_dataset(root: str | Path, info: ClassInfo, records: list[Record]) -> N
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     text = json.dumps(asdict(info), indent=2) + "\n"
-    write_atomically(root / "classes.json", lambda tmp: tmp.write_text(text))
+    write_atomically(root / "classes.json", text)
 
     def write_manifest(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:

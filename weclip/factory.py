@@ -16,7 +16,7 @@ import torch
 from .backbone import FrozenCLIP
 from .config import ModelConfig
 from .contract import ClassInfo
-from .files import write_atomically
+from .files import torch_bytes, write_atomically
 from .model import WeCLIP
 
 FORMAT = "weclip-model/1"
@@ -33,7 +33,7 @@ def save_model(model: WeCLIP, path: str | Path) -> Path:
              "backbone": {"arch": model.config.arch, "weights": model.config.weights,
                           "digest": model.backbone.digest()},
              "decoder": model.decoder.state_dict()}
-    return write_atomically(path, lambda tmp: torch.save(state, tmp))
+    return write_atomically(path, torch_bytes(state))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
