@@ -1,10 +1,10 @@
 # Entry points: `make repro` runs the pipeline, `make ui` serves the Prefect UI on its runs,
-# `make test` runs the tests. Each creates the virtual environment .venv on first use.
+# `make test` runs the tests (`make test-fast` all but the slow ones). Each creates the virtual
+# environment .venv on first use.
 VENV := .venv
 PY := $(VENV)/bin/python
-export HF_HUB_OFFLINE ?= 1
 
-.PHONY: repro ui test bench install
+.PHONY: repro ui test test-fast bench install
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,8 +24,12 @@ repro: $(VENV)/.installed
 ui: $(VENV)/.installed
 	$(VENV)/bin/weclip ui
 
+# The tests download nothing: HF_HUB_OFFLINE keeps open_clip off the model hub.
 test: $(VENV)/.installed
-	$(VENV)/bin/pytest
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest --durations=15
+
+test-fast: $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/pytest -m "not slow"
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/weclip benchmark --arch ViT-B-16 --batch 4 --crop 320

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -58,14 +59,25 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v",
     """WeCLIP: weakly supervised semantic segmentation on a frozen CLIP."""
     if verbose:
         os.environ["WECLIP_DEBUG"] = "1"  # for the processes a command starts too
-    # The stages' log lines (figures, warnings) on the console, with the time.
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s",
-                                           "%H:%M:%S"))
     stages = logging.getLogger("pipeline")
-    stages.addHandler(console)
-    stages.setLevel(logging.INFO)
-    stages.propagate = False  # a library's root handler would print every line twice
+    if not any(isinstance(h, _Console) for h in stages.handlers):
+        stages.addHandler(_Console())
+        stages.setLevel(logging.INFO)
+        stages.propagate = False  # a library's root handler would print every line twice
+
+
+class _Console(logging.StreamHandler):
+    """The stages' log lines (figures, warnings) on the console, with the time: on the
+    standard error of the moment (a test runner swaps it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(asctime)s | %(levelname)-7s | %(message)s",
+                                            "%H:%M:%S"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
 
 
 ParamsOption = typer.Option(Path("params.yaml"), "--params", "-p", help="the parameters file")

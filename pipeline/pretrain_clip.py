@@ -26,42 +26,18 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from pipeline.datasets.world import describe, read_captions
+from pipeline.datasets.world import describe
 from weclip.backbone import embed, normalize, run_block
-from weclip.contract import read_classes, read_manifest
-from weclip.images import load_image, load_mask
-from weclip.files import torch_bytes, write_atomically
+from weclip.contract import read_classes
 from weclip.model_configs import TINY_CLIP, register_model_configs
 from weclip.optim import cosine_warmup
 from weclip.refine import scaled_layers
 
+from .pretraining import (CHECKPOINT_FILE, Split, batch_indices, load_split, resume,
+                          save_checkpoint)
+
 WEIGHTS_FILE = "weights.safetensors"
 METRICS_FILE = "zero_shot.json"
-CHECKPOINT_FILE = "checkpoint.pt"
-
-
-@dataclass
-class Split:
-    """A world split in memory."""
-
-    images: torch.Tensor  # uint8 [N, 3, S, S]
-    masks: torch.Tensor  # uint8 [N, S, S]
-    captions: list[str]  # [N]
-    backgrounds: list[str]  # [N] background words
-    labels: list[list[int]]  # [N] class ids present
-
-
-def load_split(world_dir: str | Path, split: str) -> Split:
-    """All images, masks and captions of a world split."""
-    records = read_manifest(world_dir, split)
-    if not records:
-        raise ValueError(f"{world_dir}: no images in split {split!r}")
-    captions = read_captions(world_dir)
-    return Split(images=torch.stack([load_image(r.image).to(torch.uint8) for r in records]),
-                 masks=torch.stack([load_mask(r.mask).to(torch.uint8) for r in records]),
-                 captions=[captions[r.image_id][0] for r in records],
-                 backgrounds=[captions[r.image_id][1] for r in records],
-                 labels=[r.labels for r in records])
 
 
 def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
@@ -175,17 +151,8 @@ def make_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> to
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-6)
 
 
-def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
-    """Indices of step ``step``'s batch: epochs are seeded permutations, the last partial batch
-    of each is dropped."""
-    per_epoch = n // batch_size
-    epoch, offset = divmod(step, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return order[offset * batch_size:(offset + 1) * batch_size]
-
-
 @dataclass
-class Batch:
+class CaptionedBatch:
     """One step's batch of B augmented images and its random choices."""
 
     images: torch.Tensor  # normalised [B, 3, S, S]
@@ -197,7 +164,7 @@ class Batch:
 
 
 def sample_batch(data: Split, step: int, batch_size: int, seed: int, grid: int, n_keep: int,
-                 num_classes: int) -> Batch:
+                 num_classes: int) -> CaptionedBatch:
     """Step ``step``'s batch of ``data``, each random choice drawn from (``seed``, ``step``), so
     that a resumed run draws the batches an uninterrupted one would."""
     index = batch_indices(step, len(data.images), batch_size, seed)
@@ -209,11 +176,11 @@ def sample_batch(data: Split, step: int, batch_size: int, seed: int, grid: int, 
     region_captions = [describe((row[1:].nonzero()[:, 0] + 1).tolist(),
                                 data.backgrounds[i] if row[0] else None)
                        for i, row in zip(index, shown)]
-    return Batch(normalize(images, "clip"), [data.captions[i] for i in index], keep, shares,
+    return CaptionedBatch(normalize(images, "clip"), [data.captions[i] for i in index], keep, shares,
                  cells, region_captions)
 
 
-def batch_loss(model: torch.nn.Module, tokenizer, batch: Batch, region_weight: float,
+def batch_loss(model: torch.nn.Module, tokenizer, batch: CaptionedBatch, region_weight: float,
                attention_weight: float, attention_blocks: int) -> torch.Tensor:
     """The training loss of ``batch``, a scalar: ClipLoss on (image, caption) plus
     ``region_weight`` x ``region_loss`` on (region, what it shows) plus ``attention_weight`` x
@@ -334,7 +301,7 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
         tokenizer = open_clip.get_tokenizer(model_name)
         optimizer = make_optimizer(model, lr, weight_decay)
         scheduler = cosine_warmup(optimizer, steps, warmup_steps)
-        start = _resume(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler)
+        start = resume(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler)
 
         data = load_split(world_dir, "pretrain")
         size, grid = model.visual.image_size[0], model.visual.grid_size[0]
@@ -369,7 +336,7 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             losses.append(loss.item())
             progress.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{step_lr:.1e}")
             if (step + 1) % checkpoint_every == 0 and step + 1 < steps:
-                _save_checkpoint(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler,
+                save_checkpoint(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler,
                                  step + 1)
 
         save_file({k: v.contiguous() for k, v in model.state_dict().items()},
@@ -384,28 +351,3 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
         return {**metrics, "losses": losses}
     finally:
         torch.use_deterministic_algorithms(was_deterministic)
-
-
-def _resume(path: Path, settings: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: torch.optim.lr_scheduler.LRScheduler) -> int:
-    """Load the checkpoint at ``path`` if there is one; return the step to continue from."""
-    if not path.exists():
-        return 0
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if checkpoint["settings"] != settings:
-        raise ValueError(f"{path}: checkpoint of other settings {checkpoint['settings']}; "
-                         "delete it to start afresh")
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    print(f"resuming from step {checkpoint['step']}", flush=True)
-    return checkpoint["step"]
-
-
-def _save_checkpoint(path: Path, settings: dict, model: torch.nn.Module,
-                     optimizer: torch.optim.Optimizer,
-                     scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
-    state = {"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step}
-    write_atomically(path, torch_bytes(state))
-

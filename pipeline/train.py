@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from weclip.batch import Batch
 from weclip.contract import read_classes
-from weclip.dataset import EvalDataset, TrainDataset
+from weclip.dataset import EvalDataset, TrainDataset, epoch_order
 from weclip.factory import create_model, save_model
 from weclip.files import torch_bytes, write_atomically
 from weclip.metrics import mean_iou
@@ -260,11 +260,11 @@ def _batches(data, batch_size: int, seed: int, start: int, workers: int, pin_mem
     per_epoch = len(data) // batch_size
     first_epoch, skip = divmod(start, per_epoch)
     for epoch in count(first_epoch):
-        # Its own generator: the loader must not draw from the global RNG (dropout's), which
-        # the checkpoint restores.
-        generator = torch.Generator().manual_seed(seed * 100003 + epoch)
-        order = torch.randperm(len(data), generator=generator)
+        order = torch.from_numpy(epoch_order(len(data), seed, epoch))
         batches = order[:per_epoch * batch_size].view(per_epoch, ranks, per_rank)[skip:, rank]
+        # Its own generator (the workers' seeds): the loader must not draw from the global RNG
+        # (dropout's), which the checkpoint restores.
+        generator = torch.Generator().manual_seed(seed * 100003 + epoch)
         skip = 0
         data.epoch = epoch  # TrainDataset seeds its augmentation with it
         yield from torch.utils.data.DataLoader(

@@ -55,7 +55,8 @@ def test_backbone_is_frozen_and_stays_in_eval_mode(backbone):
 
 
 def test_text_features_are_normalised_per_name(backbone):
-    text = backbone.encode_text(["cat", "dog", "person with clothes,people,human"])
+    text = backbone.encode_text(["cat", "dog", "person with clothes,people,human"],
+                                "a clean origami {}.")
     assert text.shape == (3, 32)
     assert torch.allclose(text.norm(dim=-1), torch.ones(3), atol=1e-5)
 
@@ -93,3 +94,20 @@ def test_bad_weights_are_named(tiny_arch, tmp_path):
         create_clip(tiny_arch, str(tmp_path / "wrong.pt"))
     with pytest.raises(ValueError, match="no-such-tag"):
         create_clip(tiny_arch, "no-such-tag")
+
+
+def test_a_pretrained_tag_without_a_network_fails_at_once_saying_what_to_do(monkeypatch):
+    import socket
+    import time
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        pytest.skip("the hub answers here: the weights would be downloaded")
+    except OSError:
+        pass
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # as a user's machine has it
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="^model.weights: 'openai': huggingface.co cannot be "
+                                         "reached .* give a local weight file"):
+        create_clip("ViT-B-16-quickgelu", "openai")
+    assert time.monotonic() - start < 30

@@ -59,6 +59,7 @@ def test_a_damaged_feature_cache_is_named(photos, tiny_model, tmp_path):
         write_cache(tiny_model.backbone, photos, "train", store, size=64, progress=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["crf", "single"])
 def test_a_damaged_prediction_is_named_and_the_others_kept(toy_params, tmp_path, variant):
     params = toy_params(tmp_path / "run", iters=1)

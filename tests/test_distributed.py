@@ -102,6 +102,7 @@ def test_local_device_is_this_ranks_gpu_under_the_launcher(monkeypatch):
     assert distributed.local_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.slow
 def test_launch_starts_nproc_processes_and_returns_the_failed_ones(tmp_path):
     # Each process: python -m <a module of tmp_path> that writes its rank, and rank 1 fails.
     (tmp_path / "ranked.py").write_text(
@@ -126,6 +127,7 @@ def cache_args(photos, tiny_arch_configs, tiny_clip_weights):
     return tiny_arch_configs, tiny_clip_weights, photos
 
 
+@pytest.mark.slow
 def test_two_ranks_write_the_same_cache_as_one_and_resume_it(cache_args, tmp_path):
     one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
     run_ranks(1, _write_cache, *cache_args, one)
@@ -199,6 +201,7 @@ def losses_of(run):
     return [{k: float(v) for k, v in row.items()} for row in read_rows(run / "losses.csv")]
 
 
+@pytest.mark.slow
 def test_two_ranks_train_as_one_process_on_the_same_global_batch(train_setup, tmp_path):
     params, configs = train_setup
     run_ranks(1, _train, configs, params(tmp_path / "one"), tmp_path / "one")
@@ -217,6 +220,7 @@ def test_two_ranks_train_as_one_process_on_the_same_global_batch(train_setup, tm
         "checkpoint.pt", "losses.csv", "eval.csv", "model.pt"}
 
 
+@pytest.mark.slow
 def test_an_interrupted_two_rank_run_resumes_and_ends_as_the_uninterrupted_one(
         train_setup, tmp_path):
     params, configs = train_setup
@@ -231,6 +235,7 @@ def test_an_interrupted_two_rank_run_resumes_and_ends_as_the_uninterrupted_one(
     assert read_rows(tmp_path / "whole" / "losses.csv") == read_rows(tmp_path / "broken" / "losses.csv")
 
 
+@pytest.mark.slow
 def test_two_ranks_segment_the_same_files_as_one(train_setup, tmp_path):
     params, configs = train_setup
     trained = params(tmp_path / "run", iters=1)

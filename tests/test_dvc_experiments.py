@@ -155,6 +155,7 @@ def project(tmp_path):
     return folder, env, dvc_yaml, resolve
 
 
+@pytest.mark.slow
 def test_two_experiments_keep_their_metrics_and_plots_diff_between_them(project):
     folder, env, dvc_yaml, resolve = project
     baseline = yaml.safe_load((folder / "params.yaml").read_text())["train"]["seed"]

@@ -143,6 +143,7 @@ def weclip(*args: str, cwd: Path, env=None) -> subprocess.CompletedProcess:
                           capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_the_command_line_ends_with_the_one_line_error_before_starting_any_work(tmp_path):
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
     result = weclip("train", "-S", "train.iters=-5", cwd=tmp_path)
@@ -152,6 +153,7 @@ def test_the_command_line_ends_with_the_one_line_error_before_starting_any_work(
     assert not (tmp_path / ".prefect").exists()  # refused before Prefect (or a model) started
 
 
+@pytest.mark.slow
 def test_a_missing_params_file_is_an_error_not_the_defaults(tmp_path):
     result = weclip("train", "-p", "nope.yaml", cwd=tmp_path)
     assert result.returncode == 1
@@ -174,6 +176,7 @@ def test_an_override_without_a_value_is_refused(tmp_path, monkeypatch):
     assert result.stderr.splitlines()[-1] == "error: --set 'train.iters': expected key=value"
 
 
+@pytest.mark.slow
 def test_a_failure_in_the_processes_of_nproc_ends_in_its_one_line_once(tmp_path, prefect_server):
     params = {"data": {"dataset": "world", "world": {"image_size": 64, "n_pretrain": 0,
                                                      "n_train": 1, "n_val": 1}},

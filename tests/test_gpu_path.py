@@ -67,6 +67,7 @@ def test_each_par_iteration_is_one_launch(tiny_model):
     assert launches[1] - launches[0] == 4
 
 
+@pytest.mark.slow
 def test_a_step_at_the_papers_size_launches_at_most_1000_ops():
     classes = ClassInfo("twenty", [f"class {i}" for i in range(20)],
                         [f"class {i}" for i in range(20)], ["ground", "sky"])

@@ -22,6 +22,7 @@ from helpers import files, read_rows, survivors
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent  # dvc and weclip of this environment
+pytestmark = pytest.mark.slow
 
 STAGE = """
 import pickle, sys

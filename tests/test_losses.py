@@ -16,9 +16,9 @@ def test_seg_loss_averages_background_and_foreground_cross_entropy():
     assert torch.allclose(seg_loss(logits, labels), expected)
 
 
-def test_seg_loss_without_foreground_pixels_is_finite():
-    loss = seg_loss(torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long))
-    assert torch.isfinite(loss)
+def test_seg_loss_without_foreground_pixels_is_half_the_background_cross_entropy():
+    logits, labels = torch.randn(1, 3, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long)
+    assert torch.allclose(seg_loss(logits, labels), 0.5 * F.cross_entropy(logits, labels))
 
 
 def test_radius_mask_is_a_chebyshev_window():

@@ -26,8 +26,9 @@ def test_training_forward_returns_logits_pseudo_labels_and_affinity(tiny_model):
 @pytest.mark.parametrize("refinement", ["none", "static", "rfm"])
 def test_pseudo_labels_use_only_background_and_present_classes(tiny_model, refinement):
     out = tiny_model(images(2, 3, 64, 64), LABELS, refinement=refinement)
-    assert set(out.pseudo[0].unique().tolist()) <= {0, 1, 3}
-    assert set(out.pseudo[1].unique().tolist()) <= {0, 2}
+    first, second = (set(p.unique().tolist()) for p in out.pseudo)
+    assert first <= {0, 1, 3} and second <= {0, 2}
+    assert first & {1, 3} and 2 in second  # each image labels some of its classes
 
 
 def test_inference_needs_no_labels_and_skips_the_cam_branch(tiny_model, monkeypatch):

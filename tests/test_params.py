@@ -58,3 +58,30 @@ def test_the_fingerprint_follows_the_clip_weight_file_contents(tmp_path):
     before = params_fingerprint(params, ("model",))
     weights.write_bytes(b"two")
     assert params_fingerprint(params, ("model",)) != before
+
+
+@pytest.mark.slow
+def test_the_wheel_finds_its_shipped_small_clip_from_any_folder(tmp_path):
+    """Installed from a wheel, not from this checkout, the world recipe's CLIP weights (a path
+    relative to the project) are found in the installed package."""
+    import shutil
+    import subprocess
+    import sys
+
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ beside it
+    shutil.copytree(ROOT, source, ignore=lambda folder, names: [
+        n for n in names if Path(folder) == ROOT and n not in (
+            "pyproject.toml", "README.md", "weclip", "pipeline")] + ["__pycache__"])
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+                    "-q", "-w", str(tmp_path / "dist"), str(source)], check=True)
+    (wheel,) = (tmp_path / "dist").glob("weclip-*.whl")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(tmp_path / "site"), str(wheel)], check=True)
+    code = ("import weclip.weights as w; from pathlib import Path\n"
+            "path = Path(w.resolve_weights('weclip/pretrained/world-clip.safetensors'))\n"
+            "print(path.is_file(), path.is_relative_to(Path.cwd().parent / 'site'))")
+    (tmp_path / "elsewhere").mkdir()
+    result = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path / "elsewhere",
+                            env={"PYTHONPATH": str(tmp_path / "site")}, capture_output=True,
+                            text=True)
+    assert result.stdout.split() == ["True", "True"], result.stderr

@@ -68,15 +68,16 @@ def test_saved_weights_load_into_open_clip_and_reproduce_the_figures(run, world)
     assert 0 <= figures["mAP"] <= 1 and figures["images"] == 8
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_weights(run, world, tmp_path, monkeypatch):
     out, _ = run
-    save = pc._save_checkpoint
+    save = pc.save_checkpoint
 
     def save_then_stop(*args):
         save(*args)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pc, "_save_checkpoint", save_then_stop)
+    monkeypatch.setattr(pc, "save_checkpoint", save_then_stop)
     with pytest.raises(KeyboardInterrupt):
         pc.pretrain_clip(world, tmp_path, checkpoint_every=4, **TINY_RUN)
     monkeypatch.undo()
@@ -137,6 +138,7 @@ def test_attention_loss_is_lowest_for_attention_that_stays_within_what_patches_s
     assert torch.isclose(pc.attention_loss(grouped, shares), torch.tensor(2 / 3 * 0.6931), atol=1e-3)
 
 
+@pytest.mark.slow
 def test_attention_supervision_makes_attention_group_patches_by_class(tmp_path, world):
     kwargs = dict(steps=12, batch_size=8, warmup_steps=2, patch_dropout=0.0, num_threads=1)
     data = pc.load_split(world, "pretrain")

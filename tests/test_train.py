@@ -11,13 +11,21 @@ from weclip import load_model
 
 
 def test_training_writes_model_losses_and_evaluations(toy_params, tmp_path):
+    from pipeline.scoring import score
+    from weclip.dataset import EvalDataset
+    from weclip.metrics import mean_iou
+
     params = toy_params(tmp_path / "run")
-    model_path = train(params)
-    assert load_model(model_path).classes.classes == ["red", "blue"]
+    model = load_model(train(params))
+    assert model.classes.classes == ["red", "blue"]
     assert [int(r["iteration"]) for r in read_rows(tmp_path / "run" / "losses.csv")] == [1, 2, 3, 4, 5, 6]
     evals = read_rows(tmp_path / "run" / "eval.csv")
     assert [int(r["iteration"]) for r in evals] == [2, 4, 6]
-    assert all(0 <= float(r["val_miou"]) <= 100 for r in evals)
+    # The last evaluation is the saved model's, scored again here.
+    confusion = score(model, EvalDataset(params.dataset_dir, "val"), "cpu")
+    assert float(evals[-1]["val_miou"]) == round(100 * mean_iou(confusion["prediction"]), 2)
+    assert float(evals[-1]["train_pseudo_miou"]) == round(100 * mean_iou(score(
+        model, EvalDataset(params.dataset_dir, "train"), "cpu", 2)["pseudo"]), 2)
 
 
 def test_an_interrupted_run_resumes_and_ends_as_an_uninterrupted_one(
@@ -61,6 +69,7 @@ def test_training_from_the_feature_cache(toy_params, tmp_path):
     assert len(read_rows(tmp_path / "run" / "losses.csv")) == 2
 
 
+@pytest.mark.slow
 def test_inference_writes_three_variants_and_resumes(toy_params, tmp_path):
     from pipeline.infer import VARIANTS, infer
 
@@ -80,6 +89,7 @@ def test_inference_writes_three_variants_and_resumes(toy_params, tmp_path):
     assert (out / "crf" / "7.png").exists() and (out / "crf" / "6.png").stat().st_mtime_ns == first
 
 
+@pytest.mark.slow
 def test_evaluation_reports_every_step_of_the_method(toy_params, tmp_path):
     import json
 

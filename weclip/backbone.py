@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import socket
+import urllib.parse
 import zipfile
 from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
+from huggingface_hub import try_to_load_from_cache
 from torch import nn
 
 from .batch import BackboneFeatures
@@ -72,8 +76,8 @@ def create_clip(arch: str, weights: str | None = None) -> nn.Module:
     """An open_clip model of config ``arch`` with weights from a file, a pretrained tag, or none.
 
     ``weights``: None (random, the same every time), a path to a local file (see
-    ``load_state_dict``), or an open_clip pretrained tag such as 'openai' (downloads through
-    open_clip's hub code; set HF_HUB_OFFLINE=1 to use its cache without network).
+    ``load_state_dict``), or an open_clip pretrained tag such as 'openai' (downloaded through
+    open_clip's hub code, or taken from its cache without a network).
     """
     register_model_configs()
     if weights is None:
@@ -101,7 +105,43 @@ def create_clip(arch: str, weights: str | None = None) -> nn.Module:
         return model
     if weights not in open_clip.list_pretrained_tags_by_model(arch):
         raise ValueError(f"{weights!r} is neither a file nor an open_clip pretrained tag of {arch!r}")
-    return open_clip.create_model(arch, pretrained=weights)
+    return _pretrained(arch, weights)
+
+
+def _pretrained(arch: str, tag: str) -> nn.Module:
+    """open_clip's ``arch`` with the weights of ``tag``, downloaded or from the hub's cache.
+
+    Without a network the hub's retries take a minute to give up; its host is asked first (5 s),
+    and an unreachable one means the cached copy, or an error that says what to do.
+    """
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    hub = cfg.get("hf_hub", "")
+    host = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+                                 if hub else cfg.get("url", "")).hostname
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+    if host and not offline and not _reachable(host):
+        repo, name = os.path.split(hub)
+        for filename in ("open_clip_model.safetensors", name or "open_clip_pytorch_model.bin"):
+            cached = hub and try_to_load_from_cache(repo, filename)
+            if isinstance(cached, str):
+                return create_clip(arch, cached)
+        raise ValueError(f"model.weights: {tag!r}: {host} cannot be reached to download the "
+                         f"{arch} weights, and no copy is cached; run once where it can, or give "
+                         "a local weight file (model.weights: path/to/weights.pt)")
+    try:
+        return open_clip.create_model(arch, pretrained=tag)
+    except Exception as e:  # the hub and open_clip raise many types
+        raise ValueError(f"model.weights: {tag!r}: the {arch} weights could not be loaded "
+                         f"({type(e).__name__}: {e}); give a local weight file "
+                         "(model.weights: path/to/weights.pt)") from None
+
+
+def _reachable(host: str) -> bool:
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
 
 
 def attention(attn: nn.MultiheadAttention, x: torch.Tensor, need_weights: bool):
@@ -280,7 +320,7 @@ class FrozenCLIP(nn.Module):
         return self.clip.logit_scale.exp() * F.normalize(x, dim=-1) @ text.T
 
     @torch.no_grad()
-    def encode_text(self, names: list[str], template: str = "a clean origami {}.") -> torch.Tensor:
+    def encode_text(self, names: list[str], template: str) -> torch.Tensor:
         """L2-normalised text features [len(names), E] of ``template`` filled with each name."""
         device = self.clip.logit_scale.device
         tokens = self.tokenizer([template.format(name) for name in names]).to(device)

@@ -20,6 +20,12 @@ from .contract import multi_hot, read_classes, read_manifest
 from .images import load_image, load_mask, open_rgb, open_upright
 
 
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The order of ``n`` items in epoch ``epoch`` of a run seeded ``seed``: the same in a
+    resumed or a scaled-out run."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def random_rescale_flip_crop(image: Image.Image, scale_range: tuple[float, float],
                              crop_size: int, rng: random.Random, mask: Image.Image | None = None,
                              ignore_index: int = 255):

@@ -1,0 +1,80 @@
+"""What the two pretraining commands of the embedded world share (`weclip pretrain-clip`,
+`weclip pretrain-dino`): a world split in memory, seeded batches, and checkpoints that a rerun
+resumes from (with the resume policy of every stage: other settings start afresh, saying so;
+a damaged file is an error that names it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.datasets.world import read_captions
+from weclip.contract import read_manifest
+from weclip.dataset import epoch_order
+from weclip.files import torch_bytes, write_atomically
+from weclip.images import load_image, load_mask
+
+from .stage import discard_stale
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass
+class Split:
+    """A world split in memory."""
+
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    masks: torch.Tensor  # uint8 [N, S, S]
+    captions: list[str]  # [N]
+    backgrounds: list[str]  # [N] background words
+    labels: list[list[int]]  # [N] class ids present
+
+
+def load_split(world_dir: str | Path, split: str) -> Split:
+    """All images, masks and captions of a world split."""
+    records = read_manifest(world_dir, split)
+    if not records:
+        raise ValueError(f"{world_dir}: no images in split {split!r}")
+    captions = read_captions(world_dir)
+    return Split(images=torch.stack([load_image(r.image).to(torch.uint8) for r in records]),
+                 masks=torch.stack([load_mask(r.mask).to(torch.uint8) for r in records]),
+                 captions=[captions[r.image_id][0] for r in records],
+                 backgrounds=[captions[r.image_id][1] for r in records],
+                 labels=[r.labels for r in records])
+
+
+def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:
+    """Indices of step ``step``'s batch: epochs are seeded permutations, the last partial batch
+    of each is dropped."""
+    epoch, offset = divmod(step, n // batch_size)
+    return epoch_order(n, seed, epoch)[offset * batch_size:(offset + 1) * batch_size]
+
+
+def resume(path: Path, settings: dict, model: torch.nn.Module, optimizer, scheduler) -> int:
+    """Load the checkpoint at ``path`` when there is one of these ``settings``; return the step
+    to continue from (0 without one)."""
+    if not path.exists():
+        return 0
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        stale = checkpoint["settings"] != settings
+    except Exception as e:  # torch raises many types for files that are not its own
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}); delete it to "
+                         "start afresh") from None
+    if stale:
+        discard_stale(path, "checkpoint")
+        return 0
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    print(f"resuming from step {checkpoint['step']}", flush=True)
+    return checkpoint["step"]
+
+
+def save_checkpoint(path: Path, settings: dict, model: torch.nn.Module, optimizer, scheduler,
+                    step: int) -> None:
+    state = {"settings": settings, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step}
+    write_atomically(path, torch_bytes(state))
