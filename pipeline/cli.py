@@ -174,7 +174,7 @@ def train(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
     from .flows import train_flow
     from .train import train as plain
 
-    p = _load(params, set_, ("model.weights", "train.device"))
+    p = _load(params, set_, ("model.weights", "model.dino.weights", "train.device"))
     _spread("train", p.train.nproc, params, set_, tag, plain, train_flow, p)
 
 
@@ -184,7 +184,8 @@ def upper_bound(params: Path = ParamsOption, set_: Optional[list[str]] = SetOpti
     """Train the same decoder on ground-truth masks (if `upper_bound.enabled`), for context."""
     from .flows import upper_bound_flow
 
-    _report(upper_bound_flow, _load(params, set_, ("model.weights", "train.device")), tag)
+    _report(upper_bound_flow, _load(params, set_, ("model.weights", "model.dino.weights",
+                                                   "train.device")), tag)
 
 
 @app.command()
@@ -224,12 +225,32 @@ def predict(images: list[Path] = typer.Argument(..., help="image files to segmen
 
 
 @app.command()
-def recipe(name: str = typer.Argument(..., help="world, voc or coco (a file of params/)"),
+def recipe(name: str = typer.Argument(..., help="world, voc, coco, or WeCLIP+'s world-plus, "
+                                                "voc-plus, coco-plus (a file of params/)"),
            out: Path = typer.Option(Path("params.yaml"), help="where to write it")):
     """Write params.yaml from a recipe of params/ over the defaults: `weclip recipe voc`."""
     from .params import write_recipe
 
     typer.echo(write_recipe(name, out))
+
+
+def _pretrain(out: Path, work: Path, seed: int, n_pretrain: int, n_val: int, run) -> dict:
+    """Draw a world with a pretrain split under ``work``, ``run(world)`` a pretraining that
+    writes ``work``/weights.safetensors, copy those to ``out``; returns run's figures."""
+    import shutil
+
+    from weclip.files import write_atomically
+
+    from .datasets.world import generate_world
+    from .pretraining import WEIGHTS_FILE
+
+    # Drawn afresh every time (about a minute): a world left by an older generator or other
+    # settings would otherwise pass for the one asked for.
+    world = generate_world(work / "world", seed=seed, n_pretrain=n_pretrain, n_train=0, n_val=n_val)
+    metrics = run(world)
+    write_atomically(out, lambda tmp: shutil.copyfile(work / WEIGHTS_FILE, tmp))
+    metrics.pop("losses")
+    return metrics
 
 
 @app.command("pretrain-clip")
@@ -241,21 +262,29 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
                       0.3, help="weight of the attention term (0: captions and regions only)"),
                   work: Path = typer.Option(Path("data/clip"), help="world and checkpoints")):
     """Pretrain the embedded world's small CLIP from scratch (about 16 min on 2 CPU cores)."""
-    import shutil
+    from .pretrain_clip import pretrain_clip as run
 
-    from weclip.files import write_atomically
-
-    from .datasets.world import generate_world
-    from .pretrain_clip import WEIGHTS_FILE, pretrain_clip as run
-
-    # Drawn afresh every time (about a minute): a world left by an older generator or other
-    # settings would otherwise pass for the one asked for.
-    world = generate_world(work / "world", seed=seed, n_pretrain=n_pretrain, n_train=0, n_val=n_val)
-    metrics = run(world, work, seed=seed, steps=steps, batch_size=batch_size, num_threads=threads,
-                  attention_weight=attention_weight)
-    write_atomically(out, lambda tmp: shutil.copyfile(work / WEIGHTS_FILE, tmp))
-    metrics.pop("losses")
+    metrics = _pretrain(out, work, seed, n_pretrain, n_val, lambda world: run(
+        world, work, seed=seed, steps=steps, batch_size=batch_size, num_threads=threads,
+        attention_weight=attention_weight))
     typer.echo(f"{out}: zero-shot {metrics}")
+
+
+@app.command("pretrain-dino")
+def pretrain_dino(out: Path = typer.Option(Path("weclip/pretrained/world-dino.safetensors"),
+                                           help="where the weights go"),
+                  seed: int = 0, n_pretrain: int = 10000, n_val: int = 500, steps: int = 600,
+                  batch_size: int = 32, lr: float = 1e-3, threads: int = 2,
+                  work: Path = typer.Option(Path("data/dino"), help="world and checkpoints")):
+    """Pretrain the embedded world's small DINOv2 ViT for WeCLIP+ from scratch (DINO + iBOT,
+    no labels; about 20 min on 2 CPU cores)."""
+    from .pretrain_dino import pretrain_dino as run
+
+    metrics = _pretrain(out, work, seed, n_pretrain, n_val, lambda world: run(
+        world, work, seed=seed, steps=steps, batch_size=batch_size, lr=lr, num_threads=threads))
+    figures = {k: round(metrics[k]["purity"], 3) for k in ("pretrained", "untrained")}
+    typer.echo(f"{out}: patch k-NN purity {figures}, chance "
+               f"{metrics['pretrained']['chance']:.3f}")
 
 
 @app.command()

@@ -48,9 +48,10 @@ def cam_confusions(model, data: EvalDataset, device, limit: int | None = None) -
         item = data[i]
         image, labels = item.image[None].to(device), item.labels[None]
         features = model.features(image)
-        aff = model(image, features=features, with_affinity=True).affinity
+        decoded = model(image, features=features, with_affinity=True)
         for name, (refinement, par) in CAM_STEPS.items():
-            pseudo = model.pseudo_labels(image, labels, features, aff, refinement, par)[0].cpu()
+            pseudo = model.pseudo_labels(image, labels, features, decoded.affinity, refinement,
+                                         par, decoded.logits)[0].cpu()
             out[name] += confusion_matrix(pseudo, item.mask, c)
     return out
 

@@ -81,6 +81,13 @@ class TrainParams:
     # most labels of an image of the split.
     max_labels: int | None = None
     crop_size: int = 320
+    # WeCLIP+ (docs/method.md, section 10): the Dice loss and the cross-branch losses' weights,
+    # and from which iteration (counted from 0; null: never) the prediction replaces the pseudo
+    # labels where its confidence is over self_training_confidence.
+    dice_weight: float = 0.0
+    cross_weight: float = 0.0
+    self_training_start: int | None = None
+    self_training_confidence: float = 0.75
     scale_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
     lr: float = 2e-4
     decoder_lr_mult: float = 10.0
@@ -160,12 +167,21 @@ def _build(cls, values: dict, where: str):
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING else None
-        kwargs[name] = (_build(type(default), value, f"{where}.{name}")
-                        if dataclasses.is_dataclass(default) else value)
+        group = _group_type(hints[name])
+        kwargs[name] = (_build(group, value, f"{where}.{name}")
+                        if group is not None and isinstance(value, dict) else value)
     return cls(**kwargs)
+
+
+def _group_type(hint):
+    """The dataclass a field of annotation ``hint`` holds (``X`` or ``X | None``), else None."""
+    for candidate in typing.get_args(hint) or (hint,):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def _read_yaml(path: Path) -> dict:
@@ -211,6 +227,28 @@ def _weights(weights, p):
             f"({', '.join(tags) or 'it has none'})")
 
 
+def _dino_arch(arch, p):
+    import timm
+
+    from weclip.model_configs import DINO_CONFIGS
+
+    known = [*timm.list_models("*dinov2*"), *DINO_CONFIGS]
+    if arch in known:
+        return None
+    close = difflib.get_close_matches(arch, known, n=4)
+    return "must be a DINOv2 ViT of timm" + (f", e.g. {', '.join(close)}" if close else "")
+
+
+def _dino_weights(weights, p):
+    import timm
+
+    tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{p.model.dino.arch}.*")]
+    if is_weight_file(weights) or weights in tags:
+        return None
+    return (f"must be null, a weight file or a pretrained tag of {p.model.dino.arch} "
+            f"({', '.join(tags) or 'it has none'})")
+
+
 def _device(device, p):
     kind, colon, index = device.partition(":")
     if device in ("auto", "cpu") or kind == "cuda" and (not colon or index.isdigit()):
@@ -230,12 +268,18 @@ CHECKS = {
         None if heads >= 1 and p.model.decoder_dim % heads == 0
         else f"must divide model.decoder_dim ({p.model.decoder_dim})"),
     "model.dropout": _between(0, 1),
+    "model.cam_layer": lambda layer, p: None if layer < 0 else "must be negative (-1: block N-1)",
     "model.box_threshold": _between(0, 1),
+    "model.dino.arch": _dino_arch,
+    "model.dino.weights": _dino_weights,
     "cache.batch_size": _at_least(1),
     "cache.shard_size": _at_least(1),
     "cache.device": _device,
     "cache.nproc": _at_least(1),
-    "train.features": _one_of("online", "cache"),
+    "train.features": lambda features, p: (
+        _one_of("online", "cache")(features, p) or (
+            "must be online with model.dino (the cache holds the CLIP's features only)"
+            if features == "cache" and p.model.dino is not None else None)),
     "train.supervision": lambda supervision, p: (
         _one_of("pseudo", "masks")(supervision, p) or (
             "must be pseudo with train.features: cache (the cache holds no masks)"
@@ -265,6 +309,10 @@ CHECKS = {
     "train.checkpoint_every": _at_least(1),
     "train.eval_every": _at_least(1),
     "train.eval_images": _at_least(1),
+    "train.dice_weight": _at_least(0),
+    "train.cross_weight": _at_least(0),
+    "train.self_training_start": _at_least(0),
+    "train.self_training_confidence": _between(0, 1),
     "infer.scales": lambda scales, p: (
         None if scales and all(s > 0 for s in scales)
         else "must be a non-empty list of numbers greater than 0"),
@@ -292,7 +340,8 @@ def _device_present(device, p):
 
 # What must be on this machine: checked only for the keys a command needs (``load_params``'s
 # ``needs``), as a recipe is written and data prepared before the CLIP weights are in place.
-PRESENCE = {"model.weights": _weight_file_present, "cache.device": _device_present,
+PRESENCE = {"model.weights": _weight_file_present, "model.dino.weights": _weight_file_present,
+            "cache.device": _device_present,
             "train.device": _device_present, "infer.device": _device_present}
 
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
@@ -315,7 +364,7 @@ def _has_type(value, hint) -> bool:
 def _type_name(hint) -> str:
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return " or ".join(_type_name(h) for h in typing.get_args(hint))
-    return TYPE_NAMES[hint]
+    return TYPE_NAMES.get(hint, "a mapping of its keys")  # a group: DinoConfig
 
 
 def _leaves(obj, prefix: str = ""):
@@ -382,7 +431,9 @@ def params_fingerprint(params: Params, groups: tuple[str, ...]) -> str:
     resumable outputs kept across runs (DVC `persist`) are reused only by a run with the same
     settings and weights."""
     values = {g: dataclasses.asdict(getattr(params, g)) for g in groups}
-    weights = resolve_weights(params.model.weights)
-    if "model" in groups and weights and Path(weights).is_file():
-        values["clip_weights_digest"] = file_digest(weights)[:16]
+    dino = params.model.dino
+    for name, weights in (("clip", params.model.weights), ("dino", dino and dino.weights)):
+        weights = resolve_weights(weights)
+        if "model" in groups and weights and Path(weights).is_file():
+            values[f"{name}_weights_digest"] = file_digest(weights)[:16]
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]

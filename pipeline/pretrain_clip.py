@@ -33,35 +33,10 @@ from weclip.model_configs import TINY_CLIP, register_model_configs
 from weclip.optim import cosine_warmup
 from weclip.refine import scaled_layers
 
-from .pretraining import (CHECKPOINT_FILE, Split, batch_indices, load_split, resume,
-                          save_checkpoint)
+from .pretraining import (CHECKPOINT_FILE, WEIGHTS_FILE, Split, augment, batch_indices,
+                          load_split, resume, save_checkpoint)
 
-WEIGHTS_FILE = "weights.safetensors"
 METRICS_FILE = "zero_shot.json"
-
-
-def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
-            scale: tuple[float, float] = (0.7, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
-    """Random resized crop (area fraction in ``scale``, aspect 3/4..4/3) and horizontal flip.
-
-    images: uint8 [B, 3, S, S], masks: uint8 [B, S, S] -> (float [B, 3, S, S] on the 0-255
-    scale, long [B, S, S]), the masks moved with their images.
-    """
-    b = images.shape[0]
-    area = torch.empty(b).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
-    # Crop width and height as fractions of the image.
-    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
-    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
-    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)
-    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
-    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
-    zero = torch.zeros(b)
-    theta = torch.stack([torch.stack([w * flip, zero, tx], 1), torch.stack([zero, h, ty], 1)], 1)
-    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
-    masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", align_corners=False)
-    return (F.grid_sample(images.float(), grid, mode="bilinear", align_corners=False),
-            masks[:, 0].long())
 
 
 def encode_patches(visual: torch.nn.Module, images: torch.Tensor,

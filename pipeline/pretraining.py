@@ -4,11 +4,13 @@ resumes from (with the resume policy of every stage: other settings start afresh
 a damaged file is an error that names it)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from pipeline.datasets.world import read_captions
 from weclip.contract import read_manifest
@@ -19,6 +21,7 @@ from weclip.images import load_image, load_mask
 from .stage import discard_stale
 
 CHECKPOINT_FILE = "checkpoint.pt"
+WEIGHTS_FILE = "weights.safetensors"  # what a pretraining leaves in its folder
 
 
 @dataclass
@@ -43,6 +46,32 @@ def load_split(world_dir: str | Path, split: str) -> Split:
                  captions=[captions[r.image_id][0] for r in records],
                  backgrounds=[captions[r.image_id][1] for r in records],
                  labels=[r.labels for r in records])
+
+
+def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+            scale: tuple[float, float] = (0.7, 1.0), size: int | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random resized crop (area fraction in ``scale``, aspect 3/4..4/3) and horizontal flip.
+
+    images: uint8 [B, 3, S, S], masks: uint8 [B, S, S] -> (float [B, 3, s, s] on the 0-255
+    scale, long [B, s, s]), the masks moved with their images; s = ``size`` (default S).
+    """
+    b = images.shape[0]
+    area = torch.empty(b).uniform_(*scale, generator=generator)
+    log_ratio = torch.empty(b).uniform_(math.log(3 / 4), math.log(4 / 3), generator=generator)
+    # Crop width and height as fractions of the image.
+    w = (area * log_ratio.exp()).sqrt().clamp(max=1.0)
+    h = (area / log_ratio.exp()).sqrt().clamp(max=1.0)
+    tx = (torch.rand(b, generator=generator) * 2 - 1) * (1 - w)
+    ty = (torch.rand(b, generator=generator) * 2 - 1) * (1 - h)
+    flip = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    zero = torch.zeros(b)
+    theta = torch.stack([torch.stack([w * flip, zero, tx], 1), torch.stack([zero, h, ty], 1)], 1)
+    size = size or images.shape[-1]
+    grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", align_corners=False)
+    return (F.grid_sample(images.float(), grid, mode="bilinear", align_corners=False),
+            masks[:, 0].long())
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:

@@ -88,7 +88,9 @@ class Training:
                                      t.power)
         self.train_step = TrainStep(
             self.model, self.optimizer, self.scheduler, radius=t.radius,
-            affinity_weight=t.affinity_weight, ignore_index=info.ignore_index, amp=t.amp,
+            affinity_weight=t.affinity_weight, dice_weight=t.dice_weight,
+            cross_weight=t.cross_weight, confidence=t.self_training_confidence,
+            ignore_index=info.ignore_index, amp=t.amp,
             sum_counts=_sum_over_ranks if self.ranks > 1 else None, ranks=self.ranks)
 
         self.supervised = t.supervision == "masks"
@@ -145,8 +147,10 @@ class Training:
         bar = tqdm(range(self.start, t.iters), initial=self.start, total=t.iters, desc="train",
                    unit="it", disable=not self.main)
         for it, batch in zip(bar, batches):
+            self_training = t.self_training_start is not None and it >= t.self_training_start
             losses = self.train_step(batch.to(device),
-                                     refinement="rfm" if it >= t.rfm_start else "static")
+                                     refinement="rfm" if it >= t.rfm_start else "static",
+                                     self_training=self_training)
             done = it + 1
             if done % t.log_every == 0 or done == t.iters:
                 self.log(done, losses, on_log, bar)

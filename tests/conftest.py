@@ -181,3 +181,63 @@ def photos(tmp_path):
     write_dataset(tmp_path / "data", ClassInfo("toy", ["cat", "dog", "car"],
                                                ["cat", "dog", "car"], ["grass"]), records)
     return tmp_path / "data"
+
+
+TINY_DINO = "weclip-test-tiny-dino"
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_arch():
+    """A tiny DINOv2 ViT (timm's ViT-S/14 class: patch 14, width 32, 2 blocks), known by name."""
+    from weclip.model_configs import DINO_CONFIGS
+
+    DINO_CONFIGS[TINY_DINO] = ("vit_small_patch14_dinov2",
+                               dict(img_size=56, embed_dim=32, depth=2, num_heads=2))
+    return TINY_DINO
+
+
+@pytest.fixture(scope="session")
+def tiny_dino_weights(tiny_dino_arch, tmp_path_factory):
+    """The tiny DINOv2's random weights in the official DINOv2 release's format (timm's keys
+    plus the mask token that timm's checkpoint filter drops)."""
+    from weclip.dino import create_dino
+
+    torch.manual_seed(1)
+    state = {k: v + 0.02 * torch.randn_like(v)  # not the random weights of weights=None
+             for k, v in create_dino(tiny_dino_arch, None).state_dict().items()}
+    state["mask_token"] = torch.zeros(1, 32)
+    path = tmp_path_factory.mktemp("dino") / "dinov2_tiny_pretrain.pth"
+    torch.save(state, path)
+    return path
+
+
+@pytest.fixture
+def tiny_plus_model(tiny_config, tiny_dino_arch, tiny_dino_weights):
+    """WeCLIP+ on the tiny CLIP and the tiny DINOv2, as the VOC recipe sets it."""
+    from dataclasses import replace
+
+    from weclip import ClassInfo, DinoConfig, create_model
+
+    torch.manual_seed(0)
+    classes = ClassInfo("toy", ["cat", "dog", "car"], ["cat", "dog", "car"], ["grass", "sky"])
+    config = replace(tiny_config, dino=DinoConfig(tiny_dino_arch, str(tiny_dino_weights)),
+                     cam_layer=-2, box_threshold=None)
+    return create_model(config, classes)
+
+
+@pytest.fixture
+def plus_params(toy_params, tiny_dino_arch, tiny_dino_weights):
+    """``make(out, **train)`` as ``toy_params``, for WeCLIP+ with the tiny DINOv2 and the VOC
+    recipe's switches (RFM+ from the start, the Dice and cross-branch losses, self-training
+    from iteration 4)."""
+    from weclip import DinoConfig
+
+    def make(out, **train):
+        train = {"dice_weight": 1.0, "cross_weight": 0.1, "self_training_start": 4,
+                 "rfm_start": 0, **train}
+        params = toy_params(out, **train)
+        params.model.dino = DinoConfig(tiny_dino_arch, str(tiny_dino_weights))
+        params.model.cam_layer, params.model.box_threshold = -2, None
+        return params
+
+    return make

@@ -205,3 +205,16 @@ def test_pretrain_clip_draws_its_world_afresh_rather_than_reuse_a_stale_one(tmp_
     expected = generate_world(tmp_path / "expected", seed=0, n_pretrain=16, n_train=0, n_val=4)
     assert (work / "world" / "captions.csv").read_text() == (expected / "captions.csv").read_text()
     assert out.stat().st_size > 0
+
+
+def test_pretrain_dino_writes_weights_the_world_plus_recipe_can_load(tmp_path):
+    from weclip.dino import create_dino
+    from weclip.model_configs import TINY_DINO
+
+    out = tmp_path / "dino.safetensors"
+    result = CliRunner().invoke(app, ["pretrain-dino", "--out", str(out), "--work", str(tmp_path / "work"),
+                                      "--n-pretrain", "8", "--n-val", "4", "--steps", "1",
+                                      "--batch-size", "8", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    assert "patch k-NN purity" in result.output
+    create_dino(TINY_DINO, str(out))  # strict: every key present, none extra

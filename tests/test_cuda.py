@@ -32,7 +32,7 @@ def test_pseudo_labels_on_cuda_match_the_cpu(tiny_model):
 @pytest.mark.parametrize("amp", [False, True])
 def test_a_training_step_on_cuda_learns(tiny_model, amp):
     model = tiny_model.cuda()
-    model.decoder.dropout.p = 0.0
+    model.decoder.fusion.dropout.p = 0.0
     step = TrainStep(model, build_optimizer(model, lr=2e-5), radius=2, amp=amp)
     data = batch().pin_memory().to("cuda")
     losses = [step(data, refinement="static")["loss"].item() for _ in range(10)]

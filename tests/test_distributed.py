@@ -148,12 +148,15 @@ def test_two_ranks_write_the_same_cache_as_one_and_resume_it(cache_args, tmp_pat
                              {"rank": 1, "world": 2, "images": 2}]
 
 
-def _train(configs, params, record, interrupt_at=None):
+def _train(configs, params, record, interrupt_at=None, dino_configs=None):
     """The train stage as one rank runs it; leaves in ``record``.rank<r>.json every file this
-    rank wrote. With ``interrupt_at``, rank 0 dies after logging that iteration."""
+    rank wrote. With ``interrupt_at``, rank 0 dies after logging that iteration.
+    ``dino_configs``: the test's DINOv2 configs, which a spawned process starts without."""
     from pipeline import train as stage
+    from weclip.model_configs import DINO_CONFIGS
 
     open_clip.add_model_config(configs)
+    DINO_CONFIGS.update(dino_configs or {})
     written = []
     for name in ("write_atomically", "save_model", "_append_csv", "_trim_csv"):
         def recording(*args, _original=getattr(stage, name), **kwargs):
@@ -202,10 +205,25 @@ def losses_of(run):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_as_one_process_on_the_same_global_batch(train_setup, tmp_path):
+@pytest.mark.parametrize("model", ["weclip", "weclip+"])
+def test_two_ranks_train_as_one_process_on_the_same_global_batch(train_setup, tmp_path, model,
+                                                                  request):
     params, configs = train_setup
-    run_ranks(1, _train, configs, params(tmp_path / "one"), tmp_path / "one")
-    run_ranks(2, _train, configs, params(tmp_path / "two"), tmp_path / "two")
+    dino_configs = {}
+    if model == "weclip+":  # with the Dice loss over both ranks' pixels and self-training
+        from weclip.model_configs import DINO_CONFIGS
+
+        plus = request.getfixturevalue("plus_params")
+
+        def params(out):
+            p = plus(out, batch_size=4, eval_every=100)
+            p.model.dropout = 0.0
+            return p
+
+        arch = request.getfixturevalue("tiny_dino_arch")
+        dino_configs = {arch: DINO_CONFIGS[arch]}
+    run_ranks(1, _train, configs, params(tmp_path / "one"), tmp_path / "one", None, dino_configs)
+    run_ranks(2, _train, configs, params(tmp_path / "two"), tmp_path / "two", None, dino_configs)
     # The same sums in another order: float rounding, which Adam's first steps (update about
     # lr x sign of the gradient) can turn into up to 2 x lr = 4e-3 on a weight near zero gradient.
     for a, b in zip(losses_of(tmp_path / "one"), losses_of(tmp_path / "two"), strict=True):

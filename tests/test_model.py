@@ -79,13 +79,13 @@ def test_training_reduces_the_loss_on_a_fixed_batch(tiny_model):
     optimizer = build_optimizer(tiny_model, lr=2e-5)
     step = TrainStep(tiny_model, optimizer, radius=2)
     batch = Batch(images(2, 3, 64, 64), LABELS, torch.arange(2), PresentClasses.from_labels(LABELS))
-    tiny_model.decoder.dropout.p = 0.0
+    tiny_model.decoder.fusion.dropout.p = 0.0
     losses = [step(batch, refinement="static")["loss"].item() for _ in range(15)]
     assert losses[-1] < losses[0]
 
 
 def test_a_model_file_rebuilds_the_model_from_any_folder(tiny_model, tmp_path, monkeypatch):
-    torch.nn.init.normal_(tiny_model.decoder.classifier.weight)  # not the initial decoder
+    torch.nn.init.normal_(tiny_model.decoder.head.classifier.weight)  # not the initial decoder
     path = save_model(tiny_model, tmp_path / "model.pt")
     monkeypatch.chdir(tmp_path)  # no params.yaml here
     loaded = load_model(path)

@@ -27,17 +27,46 @@ def test_the_defaults_are_the_authors_voc_run():
 
 def test_recipes_state_only_what_differs_from_the_defaults():
     defaults = asdict(load_params(None))
-    for name in ("world", "voc", "coco"):
-        recipe = yaml.safe_load((ROOT / "params" / f"{name}.yaml").read_text())
+    for path in sorted((ROOT / "params").glob("*.yaml")):
+        recipe = yaml.safe_load(path.read_text())
         for group, values in recipe.items():
             for key, value in values.items():
-                assert value != defaults[group][key], f"params/{name}.yaml repeats {group}.{key}"
+                assert value != defaults[group][key], f"{path.name} repeats {group}.{key}"
 
 
 def test_coco_changes_the_schedule_and_the_refinement():
     coco = load_params(ROOT / "params/coco.yaml")
     assert (coco.train.iters, coco.train.rfm_start) == (80000, 40000)
     assert (coco.model.box_threshold, coco.model.rfm_layers) == (0.7, 10)
+
+
+def test_the_plus_recipes_are_the_authors_weclip_plus_settings():
+    voc, coco = (load_params(ROOT / f"params/{name}-plus.yaml") for name in ("voc", "coco"))
+    for plus in (voc, coco):
+        assert plus.model.dino.arch == "vit_small_patch14_dinov2"
+        assert (plus.train.lr, plus.train.rfm_start, plus.train.dice_weight,
+                plus.train.cross_weight) == (2e-5, 0, 1.0, 0.1)
+        assert plus.infer.scales == [1.0, 1.5]
+    assert (voc.model.cam_layer, voc.model.box_threshold, voc.train.self_training_start) == (
+        -2, None, 18001)
+    assert (coco.model.cam_layer, coco.model.box_threshold, coco.model.rfm_layers) == (-1, 0.7, 8)
+    assert (coco.train.batch_size, coco.train.iters, coco.train.self_training_start,
+            coco.infer.crf.iterations) == (8, 80000, 40001, 0)
+
+
+def test_the_world_plus_recipe_is_the_world_recipe_with_the_small_dino_and_the_plus_switches():
+    import dataclasses
+
+    world, plus = (load_params(ROOT / f"params/{name}.yaml") for name in ("world", "world-plus"))
+    assert plus.model.dino.weights == "weclip/pretrained/world-dino.safetensors"
+    assert (ROOT / plus.model.dino.weights).is_file()
+    switches = {"model": {"dino", "cam_layer", "box_threshold"},
+                "train": {"rfm_start", "dice_weight", "cross_weight", "self_training_start"},
+                "infer": {"scales"}}
+    for group in dataclasses.fields(world):
+        a, b = (dataclasses.asdict(getattr(p, group.name)) for p in (world, plus))
+        differ = {k for k in a if a[k] != b[k]}
+        assert differ == switches.get(group.name, set()), group.name
 
 
 def test_a_missing_params_file_is_an_error():

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import pretrain_clip as pc
+from pipeline import pretraining
 from pipeline.datasets.world import generate_world
 from weclip.backbone import normalize
 from weclip.contract import read_classes
@@ -99,16 +100,16 @@ def test_augment_is_a_function_of_the_generator_and_moves_masks_with_images():
     masks[:, :, :64] = 1
     images[:, :, :, :64] = 0  # the masked half is black, the rest bright
     images[:, :, :, 64:] = 255
-    out, out_masks = pc.augment(images, masks, torch.Generator().manual_seed(0))
+    out, out_masks = pretraining.augment(images, masks, torch.Generator().manual_seed(0))
     assert out.shape == (4, 3, 128, 128) and out.dtype == torch.float32
     assert out_masks.shape == (4, 128, 128) and out_masks.dtype == torch.long
     assert out.min() >= 0 and out.max() <= 255 + 1e-3  # bilinear weights sum to 1 up to rounding
     # Away from the edge's interpolation, masked pixels stayed black and the others bright.
     assert (out[:, 0][out_masks == 1] < 128).float().mean() > 0.97
     assert (out[:, 0][out_masks == 0] > 128).float().mean() > 0.97
-    again, _ = pc.augment(images, masks, torch.Generator().manual_seed(0))
+    again, _ = pretraining.augment(images, masks, torch.Generator().manual_seed(0))
     assert torch.equal(out, again)
-    assert not torch.equal(pc.augment(images, masks, torch.Generator().manual_seed(1))[1], out_masks)
+    assert not torch.equal(pretraining.augment(images, masks, torch.Generator().manual_seed(1))[1], out_masks)
 
 
 def test_patch_features_average_to_open_clip_image_features():

@@ -146,3 +146,21 @@ def test_the_upper_bound_trains_on_masks_without_the_cam_branch(
     monkeypatch.setattr(weclip.model, "grad_cam", fail)
     train(params)
     assert len(read_rows(tmp_path / "run" / "losses.csv")) == 2
+
+
+@pytest.mark.slow
+def test_weclip_plus_trains_infers_and_evaluates_through_the_stages(plus_params, tmp_path):
+    from pipeline.evaluate import evaluate
+    from pipeline.infer import infer
+    from weclip import WeCLIPPlus
+
+    params = plus_params(tmp_path / "run")  # self-training from iteration 4 of 6
+    model = train(params)
+    assert isinstance(load_model(model), WeCLIPPlus)
+    assert [int(r["iteration"]) for r in read_rows(tmp_path / "run" / "losses.csv")] == [1, 2, 3, 4, 5, 6]
+    params.infer.out, params.infer.long_side, params.infer.workers = str(tmp_path / "infer"), 64, 1
+    params.evaluate.out = str(tmp_path / "reports")
+    out = infer(params, model)
+    assert sorted(p.stem for p in (out / "crf").glob("*.png")) == ["6", "7"]
+    metrics, _ = evaluate(params, model)
+    assert 0 <= metrics["val"]["miou"] <= 100

@@ -294,17 +294,22 @@ class FrozenCLIP(nn.Module):
         """
         grid = (images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size)
         x = embed(self.visual, images)
-        *blocks, last = self.visual.transformer.resblocks
+        blocks = self.visual.transformer.resblocks[:-1]
         tokens, attn = [], []
         for block in blocks:
             x, weights = run_block(block, x, need_weights=True)
             tokens.append(x)
             attn.append(weights)
-        # Of block N only the attention is kept (Grad-CAM runs the block again), in float32
-        # like the block (``cast_blocks``).
-        x = x.to(last.ln_1.weight.dtype)
-        attn.append(attention(last.attn, last.ln_1(x), need_weights=True)[1])
+        # Of block N only the attention is kept (Grad-CAM runs the block again).
+        attn.append(self.last_attention(x))
         return BackboneFeatures(torch.stack(tokens, 1), torch.stack(attn, 1), grid)
+
+    @torch.no_grad()
+    def last_attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Block N's head-averaged attention [B, L, L] on tokens x [B, L, D] (in float32, like
+        the block: ``cast_blocks``)."""
+        last = self.visual.transformer.resblocks[-1]
+        return attention(last.attn, last.ln_1(x.to(last.ln_1.weight.dtype)), need_weights=True)[1]
 
     def last_block_scores(self, x: torch.Tensor, ln_1_out: torch.Tensor,
                           text: torch.Tensor) -> torch.Tensor:

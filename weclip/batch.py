@@ -16,19 +16,24 @@ import torch.nn.functional as F
 
 @dataclass
 class BackboneFeatures:
-    """What the frozen CLIP gives the rest of WeCLIP for a batch of B images on an h x w grid.
+    """What the frozen backbones give the rest of the model for a batch of B images on an
+    h x w grid.
 
-    tokens: [B, N-1, 1+hw, D] output tokens of blocks 1..N-1 (class token first)
-    attn:   [B, N, 1+hw, 1+hw] head-averaged attention of blocks 1..N
+    tokens: [B, N-1, 1+hw, D] output tokens of the CLIP's blocks 1..N-1 (class token first)
+    attn:   [B, N, 1+hw, 1+hw] head-averaged attention of the CLIP's blocks 1..N
     grid:   (h, w)
+    dino:   [B, h'w', D'] the DINO's patch tokens on its grid ``dino_grid`` (WeCLIP+ only)
     """
 
     tokens: torch.Tensor
     attn: torch.Tensor
     grid: tuple[int, int]
+    dino: torch.Tensor | None = None
+    dino_grid: tuple[int, int] | None = None
 
     def map(self, fn) -> "BackboneFeatures":
-        return BackboneFeatures(fn(self.tokens), fn(self.attn), self.grid)
+        return BackboneFeatures(fn(self.tokens), fn(self.attn), self.grid,
+                                None if self.dino is None else fn(self.dino), self.dino_grid)
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""Building WeCLIP from its configuration, and the self-describing model file.
+"""Building WeCLIP or WeCLIP+ from its configuration, and the self-describing model file.
 
 ``model.pt`` holds everything needed to use a trained model anywhere: the configuration, the
 class names, prompts and background words, the identity of the frozen CLIP (its config, its
-weights as configured and a digest of them) and the decoder's weights. The frozen CLIP's own
-weights are not copied into it (ViT-B/16 is 600 MB); ``load_model`` finds them again from the
-configuration and checks the digest.
+weights as configured and a digest of them) and, for WeCLIP+, of the frozen DINO, and the
+decoder's weights. The frozen backbones' own weights are not copied into it (ViT-B/16 is 600
+MB); ``load_model`` finds them again from the configuration and checks the digests.
 """
 from __future__ import annotations
 
@@ -16,15 +16,21 @@ import torch
 from .backbone import FrozenCLIP
 from .config import ModelConfig
 from .contract import ClassInfo
+from .dino import FrozenDINO
 from .files import torch_bytes, write_atomically
 from .model import WeCLIP
+from .plus import WeCLIPPlus
 
-FORMAT = "weclip-model/1"
+FORMAT = "weclip-model/2"
 
 
 def create_model(config: ModelConfig, classes: ClassInfo) -> WeCLIP:
-    """A WeCLIP of ``config`` for ``classes``, its decoder untrained."""
-    return WeCLIP(FrozenCLIP.from_config(config), classes, config)
+    """A WeCLIP of ``config`` for ``classes`` (WeCLIP+ when ``config.dino`` is set), its decoder
+    untrained."""
+    backbone = FrozenCLIP.from_config(config)
+    if config.dino is None:
+        return WeCLIP(backbone, classes, config)
+    return WeCLIPPlus(backbone, FrozenDINO.from_config(config.dino), classes, config)
 
 
 def save_model(model: WeCLIP, path: str | Path) -> Path:
@@ -33,16 +39,19 @@ def save_model(model: WeCLIP, path: str | Path) -> Path:
              "backbone": {"arch": model.config.arch, "weights": model.config.weights,
                           "digest": model.backbone.digest()},
              "decoder": model.decoder.state_dict()}
+    if model.config.dino is not None:
+        state["dino"] = {**asdict(model.config.dino), "digest": model.dino.digest()}
     return write_atomically(path, torch_bytes(state))
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu",
-               weights: str | None = None) -> WeCLIP:
-    """The trained WeCLIP of a file written by ``save_model``, in eval mode on ``device``.
+               weights: str | None = None, dino_weights: str | None = None) -> WeCLIP:
+    """The trained WeCLIP (or WeCLIP+) of a file written by ``save_model``, in eval mode on
+    ``device``.
 
-    ``weights`` replaces the frozen CLIP's weight file or tag recorded in the file (for a
-    model moved to a machine that keeps the weights elsewhere); either way the weights must
-    be the ones the model was trained on.
+    ``weights`` (``dino_weights``) replaces the frozen CLIP's (DINO's) weight file or tag
+    recorded in the file, for a model moved to a machine that keeps the weights elsewhere;
+    either way the weights must be the ones the model was trained on.
     """
     path = Path(path)
     try:
@@ -61,10 +70,16 @@ def load_model(path: str | Path, device: str | torch.device = "cpu",
         raise ValueError(f"{path}: its model configuration does not fit this version ({e})") from None
     if weights is not None:
         config.weights = weights
+    if dino_weights is not None and config.dino is not None:
+        config.dino.weights = dino_weights
     model = create_model(config, ClassInfo(**state["classes"]))
     if model.backbone.digest() != state["backbone"]["digest"]:
         raise ValueError(f"{path}: the frozen CLIP {config.arch} with weights {config.weights!r} "
                          "is not the one this model was trained on (digest differs); pass the "
                          "right weights")
+    if config.dino is not None and model.dino.digest() != state["dino"]["digest"]:
+        raise ValueError(f"{path}: the frozen DINO {config.dino.arch} with weights "
+                         f"{config.dino.weights!r} is not the one this model was trained on "
+                         "(digest differs); pass the right dino_weights")
     model.decoder.load_state_dict(state["decoder"])
     return model.to(device).eval()

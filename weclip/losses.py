@@ -1,4 +1,5 @@
-"""Segmentation and affinity losses on the online pseudo labels (docs/method.md, section 6).
+"""Segmentation, Dice and affinity losses on the online pseudo labels (docs/method.md, sections 6
+and 10).
 
 Each loss is a sum over pixels or pairs divided by a count. In data-parallel training a rank
 sees part of the batch: ``sum_counts`` (a sum over the ranks, e.g. an all-reduce) makes the
@@ -33,6 +34,26 @@ def seg_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255
     counts = _summed(torch.stack([(t != ignore_index).sum() for t in halves]), sum_counts)
     # An empty half has a zero total; dividing it by 1 keeps it zero.
     return 0.5 * (totals / counts.where(counts > 0, 1)).sum()
+
+
+def dice_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = 255,
+               sum_counts: SumCounts | None = None) -> torch.Tensor:
+    """1 - the mean over classes of 2 |P . Y| / (|P| + |Y|), P the softmax and Y the one-hot
+    labels, each summed over the whole batch (WeCLIP+, docs/method.md, section 10).
+
+    logits: [B, C, h, w] at the labels' size; labels: [B, h, w] long, ``ignore_index`` pixels
+    without a one-hot (their probabilities count in |P|, as in the authors' code). A class
+    absent from the batch adds 0. ``sum_counts``: the sums over the ranks' shares, the gradient
+    going through this rank's.
+    """
+    probs = logits.softmax(1)
+    classes = torch.arange(logits.shape[1], device=labels.device).view(1, -1, 1, 1)
+    onehot = (labels[:, None] == classes).to(probs.dtype)
+    overlap, total = (probs * onehot).sum((0, 2, 3)), (probs + onehot).sum((0, 2, 3))
+    if sum_counts is not None:
+        overlap = overlap + (sum_counts(overlap.detach()) - overlap.detach())
+        total = total + (sum_counts(total.detach()) - total.detach())
+    return 1 - (2 * overlap / (total + 1e-7)).mean()
 
 
 def radius_mask(h: int, w: int, radius: int, device=None) -> torch.Tensor:

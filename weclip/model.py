@@ -25,11 +25,13 @@ REFINEMENTS = ("none", "static", "rfm")
 @dataclass
 class WeCLIPOutput:
     """logits [B, C+1, h, w]; affinity A_f [B, hw, hw] when asked for or with labels; with
-    labels, the online pseudo labels [B, H, W] long."""
+    labels, the online pseudo labels [B, H, W] long; WeCLIP+'s two branches' logits, whose
+    average ``logits`` is."""
 
     logits: torch.Tensor
     affinity: torch.Tensor | None = None
     pseudo: torch.Tensor | None = None
+    branches: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class WeCLIP(nn.Module):
@@ -51,9 +53,14 @@ class WeCLIP(nn.Module):
                              persistent=False)
         self.register_buffer("bg_text", backbone.encode_text(classes.background, config.template),
                              persistent=False)
-        self.decoder = Decoder(backbone.width, depth - 1, classes.num_classes, config.decoder_dim,
-                               config.decoder_layers, config.decoder_heads, config.dropout)
+        self.decoder = self.make_decoder()
         self.par = PAR(config.par_dilations, config.par_iters)
+
+    def make_decoder(self) -> nn.Module:
+        """The trainable part: WeCLIP's decoder on the CLIP's blocks 1..N-1."""
+        c = self.config
+        return Decoder(self.backbone.width, self.backbone.depth - 1, self.classes.num_classes,
+                       c.decoder_dim, c.decoder_layers, c.decoder_heads, c.dropout)
 
     @property
     def num_classes(self) -> int:
@@ -96,11 +103,23 @@ class WeCLIP(nn.Module):
         """
         features = features if features is not None else self.features(images)
         with phase("decoder forward"):
-            logits, fused = self._part("decoder")(features.tokens[:, :, 1:], features.grid)
+            logits, fused, branches = self.decode(features)
             aff = affinity(fused) if labels is not None or with_affinity else None
-        if labels is None:
-            return WeCLIPOutput(logits, aff)
-        return WeCLIPOutput(logits, aff, self.pseudo_labels(images, labels, features, aff, refinement))
+        pseudo = None
+        if labels is not None:
+            pseudo = self.pseudo_labels(images, labels, features, aff, refinement, logits=logits)
+        return WeCLIPOutput(logits, aff, pseudo, branches)
+
+    def decode(self, features: BackboneFeatures):
+        """The decoder on ``features``: (logits [B, C+1, h, w], F_u [B, dim, h, w], None)."""
+        logits, fused = self._part("decoder")(features.tokens[:, :, 1:], features.grid)
+        return logits, fused, None
+
+    def cam_scale(self, logits: torch.Tensor | None, features: BackboneFeatures,
+                  pairs: PresentClasses) -> torch.Tensor | None:
+        """What each slot's CAM is multiplied by before the RFM propagates it: nothing in
+        WeCLIP (WeCLIP+ scales it by its prediction)."""
+        return None
 
     def walk(self, features: BackboneFeatures, aff: torch.Tensor | None,
              refinement: str) -> torch.Tensor:
@@ -120,26 +139,36 @@ class WeCLIP(nn.Module):
         return grad_cam(self.backbone, last_tokens, grid, pairs, self.fg_text, self.bg_text)
 
     def refined_cams(self, cams: torch.Tensor, attn: torch.Tensor, aff: torch.Tensor | None,
-                     refinement: str, size: tuple[int, int]) -> torch.Tensor:
+                     refinement: str, size: tuple[int, int],
+                     scale: torch.Tensor | None = None) -> torch.Tensor:
         """CAMs [B, K, h, w] refined by ``refinement`` with the attention ``attn`` [B, N, 1+hw,
-        1+hw] (and A_f for 'rfm'), then resized to ``size`` (section 5)."""
+        1+hw] (and A_f for 'rfm'), each first multiplied by ``scale`` [B, K, h, w] when given,
+        then resized to ``size`` (section 5). Boxes come from the CAMs as they are."""
         if refinement != "none":
             transition = transition_matrix(self._walk(attn, aff, refinement))
-            boxes = box_mask(cams, self.config.box_threshold)
+            threshold = self.config.box_threshold
+            boxes = torch.ones_like(cams) if threshold is None else box_mask(cams, threshold)
+            if scale is not None:
+                cams = cams * scale
             cams = min_max(refine_cams(cams, boxes, transition))
         return F.interpolate(cams, size=size, mode="bilinear", align_corners=False)
 
     def cams(self, images: torch.Tensor, pairs: PresentClasses, features: BackboneFeatures,
-             aff: torch.Tensor | None = None, refinement: str = "rfm") -> torch.Tensor:
+             aff: torch.Tensor | None = None, refinement: str = "rfm",
+             scale: torch.Tensor | None = None) -> torch.Tensor:
         """CAMs [B, K, H, W] in [0, 1] of the K slots of each image (0 for padding), refined
-        by ``refinement``, at the images' size (sections 4-5)."""
+        by ``refinement``, at the images' size (sections 4-5). Grad-CAM runs block N on the
+        tokens of ``config.cam_layer``, and the last attention map is block N's there."""
         if refinement not in REFINEMENTS:
             raise ValueError(f"refinement must be one of {REFINEMENTS}, not {refinement!r}")
+        tokens, attn = features.tokens[:, self.config.cam_layer], features.attn
+        if self.config.cam_layer != -1:
+            attn = torch.cat([attn[:, :-1], self.backbone.last_attention(tokens)[:, None]], 1)
         with phase("Grad-CAM"):
-            cams = self._part("initial_cams")(features.tokens[:, -1], features.grid, pairs)
+            cams = self._part("initial_cams")(tokens, features.grid, pairs)
         with phase("refinement"):
-            return self._part("refined_cams")(cams, features.attn, aff, refinement,
-                                              images.shape[-2:])
+            return self._part("refined_cams")(cams, attn, aff, refinement, images.shape[-2:],
+                                              scale)
 
     def labels_from_cams(self, images: torch.Tensor, cams: torch.Tensor, pairs: PresentClasses,
                          par: bool = True) -> torch.Tensor:
@@ -158,15 +187,18 @@ class WeCLIP(nn.Module):
     @torch.no_grad()
     def pseudo_labels(self, images: torch.Tensor, labels: torch.Tensor | PresentClasses,
                       features: BackboneFeatures, aff: torch.Tensor | None = None,
-                      refinement: str = "rfm", par: bool = True) -> torch.Tensor:
+                      refinement: str = "rfm", par: bool = True,
+                      logits: torch.Tensor | None = None) -> torch.Tensor:
         """Pseudo labels [B, H, W] long of images [B, 3, H, W] (0-255) with ``labels`` (as
-        ``forward`` takes them). Always in float32, also under autocast: CAMs, the walk's
-        normalisations and PAR need the precision."""
+        ``forward`` takes them); ``logits``: the decoder's, which WeCLIP+ scales its CAMs by.
+        Always in float32, also under autocast: CAMs, the walk's normalisations and PAR need
+        the precision."""
         if not isinstance(labels, PresentClasses):
             labels = PresentClasses.from_labels(labels).to(images.device)
         device = images.device.type
         with (torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device)
               else contextlib.nullcontext()):
-            cams = self.cams(images, labels, features, aff, refinement)
+            scale = self.cam_scale(logits, features, labels)
+            cams = self.cams(images, labels, features, aff, refinement, scale)
             with phase("PAR"):
                 return self._part("labels_from_cams")(images, cams, labels, par)
