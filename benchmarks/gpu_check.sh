@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The first thing to run on a GPU (docs/scaling.md): the CUDA tests, the benchmark in float32 and
-# bfloat16, eager and compiled, and a world training killed after iteration 15 and resumed; then
-# one summary, DIR/summary.md. About 8 minutes on one H100/H200.
+# bfloat16, eager and compiled (and WeCLIP+ with DINOv2 ViT-S/14 in bfloat16), and a world
+# training killed after iteration 15 and resumed; then one summary, DIR/summary.md. About 9
+# minutes on one H100/H200.
 #
 #   benchmarks/gpu_check.sh [--device cuda|cpu] [--out DIR] [--arch A] [--crop N] [--steps N]
 #
@@ -52,5 +53,6 @@ bench bench-bf16-eager 90 --amp
 step resume 120 "$python" benchmarks/resume_check.py --device "$device" --out "$out/resume"
 bench bench-fp32-compiled 150 --compile
 bench bench-bf16-compiled 150 --amp --compile
+bench bench-plus-bf16-eager 90 --amp --dino vit_small_patch14_dinov2
 cat "$out/summary.md"
 exit $failed

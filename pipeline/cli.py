@@ -105,13 +105,16 @@ def _load(params_path: Optional[Path], overrides: Optional[list[str]], needs=())
 _EXPONENT = re.compile(r"[+-]?\d+(\.\d*)?[eE][+-]?\d+")
 
 
-def _report(flow, params, tags: Optional[list[str]]) -> None:
-    """Run the stage's ``flow`` (pipeline/flows.py) on ``params`` and print what it returns."""
-    typer.echo(flow(params, tags))
+def _report(flow: str, params, tags: Optional[list[str]]) -> None:
+    """Run the stage's flow of that name (pipeline/flows.py) on ``params`` and print what it
+    returns. Imported here, after the params were checked: importing Prefect makes its home."""
+    from . import flows
+
+    typer.echo(getattr(flows, flow)(params, tags))
 
 
 def _spread(stage: str, nproc: int, params_path: Path, overrides, tags, plain: Callable,
-            flow, params) -> None:
+            flow: str, params) -> None:
     """A stage that may run as ``nproc`` processes: launch them (from the first), run the
     stage function ``plain`` without Prefect (ranks other than 0) or its ``flow`` (rank 0)."""
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
@@ -151,9 +154,7 @@ def _launch(stage: str, params_path: Path, overrides, tags, nproc: int) -> None:
 def prepare(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
             tag: Optional[list[str]] = TagOption):
     """Prepare the dataset of `data.dataset` into the data contract."""
-    from .flows import prepare_flow
-
-    _report(prepare_flow, _load(params, set_), tag)
+    _report("prepare_flow", _load(params, set_), tag)
 
 
 @app.command()
@@ -161,51 +162,44 @@ def cache(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
           tag: Optional[list[str]] = TagOption):
     """Write the frozen CLIP's tokens and attention of the train split to zarr (resumable)."""
     from .cache import cache as plain
-    from .flows import cache_flow
 
     p = _load(params, set_, ("model.weights", "cache.device"))
-    _spread("cache", p.cache.nproc, params, set_, tag, plain, cache_flow, p)
+    _spread("cache", p.cache.nproc, params, set_, tag, plain, "cache_flow", p)
 
 
 @app.command()
 def train(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
           tag: Optional[list[str]] = TagOption):
     """Train WeCLIP (resumes from the run folder's checkpoint)."""
-    from .flows import train_flow
     from .train import train as plain
 
     p = _load(params, set_, ("model.weights", "model.dino.weights", "train.device"))
-    _spread("train", p.train.nproc, params, set_, tag, plain, train_flow, p)
+    _spread("train", p.train.nproc, params, set_, tag, plain, "train_flow", p)
 
 
 @app.command("upper-bound")
 def upper_bound(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
                 tag: Optional[list[str]] = TagOption):
     """Train the same decoder on ground-truth masks (if `upper_bound.enabled`), for context."""
-    from .flows import upper_bound_flow
-
-    _report(upper_bound_flow, _load(params, set_, ("model.weights", "model.dino.weights",
-                                                   "train.device")), tag)
+    _report("upper_bound_flow", _load(params, set_, ("model.weights", "model.dino.weights",
+                                                     "train.device")), tag)
 
 
 @app.command()
 def infer(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
           tag: Optional[list[str]] = TagOption):
     """Segment `infer.split` with multi-scale + flip + DenseCRF (resumes per image)."""
-    from .flows import infer_flow
     from .infer import infer as plain
 
     p = _load(params, set_, ("infer.device",))
-    _spread("infer", p.infer.nproc, params, set_, tag, plain, infer_flow, p)
+    _spread("infer", p.infer.nproc, params, set_, tag, plain, "infer_flow", p)
 
 
 @app.command()
 def evaluate(params: Path = ParamsOption, set_: Optional[list[str]] = SetOption,
              tag: Optional[list[str]] = TagOption):
     """Score every step of the method; write reports/ (tables, metrics.json, plots)."""
-    from .flows import evaluate_flow
-
-    _report(evaluate_flow, _load(params, set_, ("infer.device",)), tag)
+    _report("evaluate_flow", _load(params, set_, ("infer.device",)), tag)
 
 
 @app.command()
@@ -261,7 +255,7 @@ def pretrain_clip(out: Path = typer.Option(Path("weclip/pretrained/world-clip.sa
                   attention_weight: float = typer.Option(
                       0.3, help="weight of the attention term (0: captions and regions only)"),
                   work: Path = typer.Option(Path("data/clip"), help="world and checkpoints")):
-    """Pretrain the embedded world's small CLIP from scratch (about 16 min on 2 CPU cores)."""
+    """Pretrain the embedded world's small CLIP from scratch."""
     from .pretrain_clip import pretrain_clip as run
 
     metrics = _pretrain(out, work, seed, n_pretrain, n_val, lambda world: run(
@@ -277,7 +271,7 @@ def pretrain_dino(out: Path = typer.Option(Path("weclip/pretrained/world-dino.sa
                   batch_size: int = 32, lr: float = 1e-3, threads: int = 2,
                   work: Path = typer.Option(Path("data/dino"), help="world and checkpoints")):
     """Pretrain the embedded world's small DINOv2 ViT for WeCLIP+ from scratch (DINO + iBOT,
-    no labels; about 20 min on 2 CPU cores)."""
+    no labels)."""
     from .pretrain_dino import pretrain_dino as run
 
     metrics = _pretrain(out, work, seed, n_pretrain, n_val, lambda world: run(
@@ -302,6 +296,8 @@ def benchmark(arch: str = "ViT-B-16", batch: int = 4, crop: int = 320,
               steps: int = 10, warmup: int = 2, amp: bool = False,
               compile: bool = typer.Option(False, "--compile", help="torch.compile the parts"),
               long_side: int = 512, infer_images: int = 5,
+              dino: Optional[str] = typer.Option(None, help="a DINOv2 arch: WeCLIP+ "
+                                                 "(e.g. vit_small_patch14_dinov2)"),
               json_out: Optional[Path] = typer.Option(None, "--json", help="also write the "
                                                       "figures to this JSON file")):
     """Print the training step's time per phase, launched ops, host syncs, peak memory and
@@ -312,7 +308,7 @@ def benchmark(arch: str = "ViT-B-16", batch: int = 4, crop: int = 320,
 
     figures = run_benchmark(arch, batch=batch, crop=crop, device=device, steps=steps,
                             warmup=warmup, amp=amp, compile=compile, long_side=long_side,
-                            infer_images=infer_images)
+                            infer_images=infer_images, dino=dino)
     for key, value in figures.items():
         typer.echo(f"{key:>40}: {value}")
     if json_out:

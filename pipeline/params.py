@@ -68,7 +68,7 @@ class TrainParams:
     features: str = "online"  # online | cache
     supervision: str = "pseudo"  # pseudo | masks (ground truth: the fully supervised bound)
     device: str = "auto"
-    amp: bool = False  # bfloat16 autocast, the frozen CLIP cast to bfloat16 once
+    amp: bool = False  # bfloat16 autocast, the frozen backbones cast to bfloat16 once
     compile: bool = False  # the step's parts compiled with torch.compile
     seed: int = 1
     iters: int = 30000
@@ -210,21 +210,29 @@ def _one_of(*choices):
     return lambda value, p: None if value in choices else f"must be one of {', '.join(choices)}"
 
 
+def _named(name, known, kind, hint=""):
+    if name in known:
+        return None
+    close = difflib.get_close_matches(name, known, n=4)
+    return f"must be {kind}" + (f", e.g. {', '.join(close)}" if close else hint)
+
+
+def _weight_or_tag(weights, arch, tags):
+    if is_weight_file(weights) or weights in tags:
+        return None
+    return (f"must be null, a weight file or a pretrained tag of {arch} "
+            f"({', '.join(tags) or 'it has none'})")
+
+
 def _known_arch(arch, p):
     register_model_configs()
-    if arch in open_clip.list_models():
-        return None
-    close = difflib.get_close_matches(arch, open_clip.list_models(), n=4)
-    return "must be an open_clip model config" + (f", e.g. {', '.join(close)}" if close
-                                                   else " (see open_clip.list_models())")
+    return _named(arch, open_clip.list_models(), "an open_clip model config",
+                  " (see open_clip.list_models())")
 
 
 def _weights(weights, p):
-    tags = open_clip.list_pretrained_tags_by_model(p.model.arch)
-    if is_weight_file(weights) or weights in tags:
-        return None
-    return (f"must be null, a weight file or a pretrained tag of {p.model.arch} "
-            f"({', '.join(tags) or 'it has none'})")
+    arch = p.model.arch
+    return _weight_or_tag(weights, arch, open_clip.list_pretrained_tags_by_model(arch))
 
 
 def _dino_arch(arch, p):
@@ -232,21 +240,15 @@ def _dino_arch(arch, p):
 
     from weclip.model_configs import DINO_CONFIGS
 
-    known = [*timm.list_models("*dinov2*"), *DINO_CONFIGS]
-    if arch in known:
-        return None
-    close = difflib.get_close_matches(arch, known, n=4)
-    return "must be a DINOv2 ViT of timm" + (f", e.g. {', '.join(close)}" if close else "")
+    return _named(arch, [*timm.list_models("*dinov2*"), *DINO_CONFIGS], "a DINOv2 ViT of timm")
 
 
 def _dino_weights(weights, p):
     import timm
 
-    tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{p.model.dino.arch}.*")]
-    if is_weight_file(weights) or weights in tags:
-        return None
-    return (f"must be null, a weight file or a pretrained tag of {p.model.dino.arch} "
-            f"({', '.join(tags) or 'it has none'})")
+    arch = p.model.dino.arch
+    return _weight_or_tag(weights, arch, [name.partition(".")[2]
+                                          for name in timm.list_pretrained(f"{arch}.*")])
 
 
 def _device(device, p):
@@ -310,7 +312,9 @@ CHECKS = {
     "train.eval_every": _at_least(1),
     "train.eval_images": _at_least(1),
     "train.dice_weight": _at_least(0),
-    "train.cross_weight": _at_least(0),
+    "train.cross_weight": lambda weight, p: (
+        None if weight == 0 or weight > 0 and p.model.dino
+        else "must be 0 without model.dino (WeCLIP has one branch), at least 0 with it"),
     "train.self_training_start": _at_least(0),
     "train.self_training_confidence": _between(0, 1),
     "infer.scales": lambda scales, p: (

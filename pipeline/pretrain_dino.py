@@ -81,10 +81,8 @@ def views(images: torch.Tensor, generator: torch.Generator, global_size: int, lo
           locals_: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Two global and ``locals_`` local random crops of uint8 images, normalised as the world's
     CLIP takes them (WeCLIP+ gives the DINO the CLIP's pixels)."""
-    masks = torch.zeros(images.shape[0], *images.shape[-2:], dtype=torch.uint8)
-
     def crops(count, size, scale):
-        return [normalize(augment(images, masks, generator, scale, size)[0], "clip")
+        return [normalize(augment(images, None, generator, scale, size)[0], "clip")
                 for _ in range(count)]
 
     return crops(2, global_size, (0.35, 1.0)), crops(locals_, local_size, (0.08, 0.35))
@@ -101,7 +99,7 @@ def patch_masks(batch: int, n: int, generator: torch.Generator) -> torch.Tensor:
 def knn_purity(dino: FrozenDINO, images: torch.Tensor, masks: torch.Tensor,
                neighbours: int = 10) -> dict:
     """How well patch features group by what the patches show: for each patch of the images
-    (labelled with its main ground-truth class), the share of its ``neighbours`` nearest
+    (labelled with the ground-truth class at its centre), the share of its ``neighbours`` nearest
     patches (cosine, among the other images' patches) with the same class; the mean over
     patches of each class, then over classes, and the share chance would give."""
     tokens, grid = dino(normalize(images.float(), "clip"))
@@ -138,6 +136,8 @@ def pretrain_dino(world_dir: str | Path, out_dir: str | Path, *, model_name: str
     weights.safetensors (the teacher's ViT, a timm state dict) and ``out_dir``/knn_purity.json
     (figures on ``eval_images`` images of ``eval_split``, see ``knn_purity``, with those of the
     untrained ViT beside them), and returns the figures plus this call's per-step ``losses``.
+    The ViT starts from ``create_dino``'s random weights whatever ``seed``, which draws the
+    heads, views and masks: the untrained figures are those of the ViT it started from.
     Every ``checkpoint_every`` steps a checkpoint goes to ``out_dir``; a run with the same
     settings resumes from it, and it is removed once the weights are written.
     """

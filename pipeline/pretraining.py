@@ -48,13 +48,14 @@ def load_split(world_dir: str | Path, split: str) -> Split:
                  labels=[r.labels for r in records])
 
 
-def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generator,
+def augment(images: torch.Tensor, masks: torch.Tensor | None, generator: torch.Generator,
             scale: tuple[float, float] = (0.7, 1.0), size: int | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Random resized crop (area fraction in ``scale``, aspect 3/4..4/3) and horizontal flip.
 
-    images: uint8 [B, 3, S, S], masks: uint8 [B, S, S] -> (float [B, 3, s, s] on the 0-255
-    scale, long [B, s, s]), the masks moved with their images; s = ``size`` (default S).
+    images: uint8 [B, 3, S, S], masks: uint8 [B, S, S] or None -> (float [B, 3, s, s] on the
+    0-255 scale, long [B, s, s] or None), the masks moved with their images; s = ``size``
+    (default S).
     """
     b = images.shape[0]
     area = torch.empty(b).uniform_(*scale, generator=generator)
@@ -69,9 +70,11 @@ def augment(images: torch.Tensor, masks: torch.Tensor, generator: torch.Generato
     theta = torch.stack([torch.stack([w * flip, zero, tx], 1), torch.stack([zero, h, ty], 1)], 1)
     size = size or images.shape[-1]
     grid = F.affine_grid(theta, [b, 3, size, size], align_corners=False)
+    images = F.grid_sample(images.float(), grid, mode="bilinear", align_corners=False)
+    if masks is None:
+        return images, None
     masks = F.grid_sample(masks[:, None].float(), grid, mode="nearest", align_corners=False)
-    return (F.grid_sample(images.float(), grid, mode="bilinear", align_corners=False),
-            masks[:, 0].long())
+    return images, masks[:, 0].long()
 
 
 def batch_indices(step: int, n: int, batch_size: int, seed: int) -> np.ndarray:

@@ -335,6 +335,8 @@ def train_upper_bound(params: Params, on_log=None, on_eval=None, step=run_step) 
         skipped.write_text("upper_bound.enabled is false: no fully supervised model\n")
         return None
     skipped.unlink(missing_ok=True)
+    # Self-training would replace the true masks by the model's own confident predictions.
     supervised = replace(params, train=replace(params.train, supervision="masks",
-                                               features="online", out=str(out)))
+                                               features="online", self_training_start=None,
+                                               out=str(out)))
     return train(supervised, on_log, on_eval, step)

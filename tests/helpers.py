@@ -27,3 +27,24 @@ def survivors(marker: str) -> list[int]:
         except OSError:  # ended meanwhile, or not ours to read
             pass
     return found
+
+
+def interrupted_and_resumed(module, pretrain, world, out, every: int, monkeypatch, **settings):
+    """A pretraining run of ``module``'s ``pretrain`` into ``out``, stopped right after its
+    first checkpoint (at step ``every``) and run again: (the resumed call's result, the
+    weights written)."""
+    import pytest
+    from safetensors.torch import load_file
+
+    save = module.save_checkpoint
+
+    def save_then_stop(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(world, out, checkpoint_every=every, **settings)
+    monkeypatch.undo()
+    resumed = pretrain(world, out, checkpoint_every=every, **settings)
+    return resumed, load_file(str(out / module.WEIGHTS_FILE))

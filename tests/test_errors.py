@@ -67,6 +67,8 @@ OUT_OF_RANGE = [
     ({"model.normalization": "laion"},
      "model.normalization: 'laion' must be one of imagenet, clip"),
     ({"model.decoder_heads": 7}, "model.decoder_heads: 7 must divide model.decoder_dim (256)"),
+    ({"train.cross_weight": 0.1}, "train.cross_weight: 0.1 must be 0 without model.dino "
+     "(WeCLIP has one branch), at least 0 with it"),
     ({"infer.scales": []}, "infer.scales: [] must be a non-empty list of numbers greater than 0"),
     ({"infer.scales": [1.0, 0]},
      "infer.scales: [1.0, 0] must be a non-empty list of numbers greater than 0"),

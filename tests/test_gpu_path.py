@@ -15,7 +15,6 @@ from weclip.config import ModelConfig
 from weclip.contract import ClassInfo
 from weclip.factory import create_model
 from weclip.inference import predict
-from weclip.model import WeCLIP
 from weclip.losses import affinity_labels, affinity_loss, radius_mask, seg_loss
 from weclip.optim import build_optimizer, poly_warmup
 from weclip.profiling import DispatchCounter
@@ -31,8 +30,16 @@ def toy_batch(labels=LABELS, slots=2) -> Batch:
 
 
 def train_step(model) -> TrainStep:
+    """WeCLIP's step, or WeCLIP+'s with its Dice and cross-branch losses."""
     optimizer = build_optimizer(model, lr=1e-4)
-    return TrainStep(model, optimizer, poly_warmup(optimizer, 10), radius=2)
+    plus = dict(dice_weight=1.0, cross_weight=0.1) if model.config.dino else {}
+    return TrainStep(model, optimizer, poly_warmup(optimizer, 10), radius=2, **plus)
+
+
+@pytest.fixture(params=["weclip", "weclip+"])
+def either_model(request):
+    """The tiny WeCLIP, and the tiny WeCLIP+."""
+    return request.getfixturevalue({"weclip": "tiny_model", "weclip+": "tiny_plus_model"}[request.param])
 
 
 def test_the_counter_tells_device_reads_from_host_reads():
@@ -47,13 +54,30 @@ def test_the_counter_tells_device_reads_from_host_reads():
     assert counter.total_launches == 8
 
 
-def test_a_training_step_reads_nothing_back_from_the_device(tiny_model):
-    step = train_step(tiny_model)
+def test_a_training_step_reads_nothing_back_from_the_device(either_model):
+    step = train_step(either_model)
     batch = toy_batch()
-    step(batch)
-    counter = count_dispatch(step, batch)
+    step(batch, self_training=True)
+    counter = count_dispatch(step, batch, self_training=True)
     assert counter.total_syncs == 0, dict(counter.syncs)
     assert counter.launches["backward + optimiser"] > 0  # the whole step was counted
+
+
+def test_mixed_precision_casts_the_frozen_backbones_once_and_still_learns(either_model):
+    model = either_model
+    for dropout in model.modules():
+        if isinstance(dropout, torch.nn.modules.dropout._DropoutNd):
+            dropout.p = 0.0
+    plus = dict(dice_weight=1.0, cross_weight=0.1) if model.config.dino else {}
+    step = TrainStep(model, build_optimizer(model, lr=2e-5), radius=2, amp=True, **plus)
+    frozen = [*model.backbone.visual.transformer.resblocks[:-1].parameters(),
+              *(model.dino.parameters() if model.config.dino else [])]
+    assert {p.dtype for p in frozen} == {torch.bfloat16}
+    assert {p.dtype for p in model.backbone.visual.transformer.resblocks[-1].parameters()} == {
+        torch.float32}  # Grad-CAM differentiates through block N
+    batch = toy_batch()
+    losses = [step(batch, refinement="static")["loss"].item() for _ in range(10)]
+    assert losses[-1] < losses[0]
 
 
 def test_each_par_iteration_is_one_launch(tiny_model):
@@ -95,43 +119,45 @@ class ShapeRecorder(TorchDispatchMode):
         return out
 
 
-def test_the_pseudo_labels_keep_one_shape_whatever_the_labels(tiny_model):
-    tiny_model.eval()
+def test_the_pseudo_labels_keep_one_shape_whatever_the_labels(either_model):
+    either_model.eval()
     traces = []
     for labels in ([[1, 0, 1], [0, 1, 0]], [[0, 0, 1], [1, 1, 1]]):
         batch = toy_batch(torch.tensor(labels).float(), slots=3)
         with torch.no_grad():
-            features = tiny_model.features(batch.images)
-            aff = tiny_model(batch.images, features=features, with_affinity=True).affinity
+            features = either_model.features(batch.images)
+            aff = either_model(batch.images, features=features, with_affinity=True).affinity
         with ShapeRecorder() as recorder:
-            tiny_model.pseudo_labels(batch.images, batch.pairs, features, aff)
+            either_model.pseudo_labels(batch.images, batch.pairs, features, aff)
         traces.append(recorder.ops)
     assert traces[0] == traces[1]
 
 
-def test_the_forward_parts_run_on_a_fake_gpu_without_host_reads(tiny_model):
+def test_the_forward_parts_run_on_a_fake_gpu_without_host_reads(either_model):
     """Every tensor must be made on the model's device: on a fake cuda:0, a tensor made on the
     CPU meets the model's in some op and fails; a host read fails or is counted. (A fake GPU
     runs no autograd, so Grad-CAM is given as fake CAMs; it runs on the meta device below.)"""
-    batch = toy_batch()
+    model, batch = either_model, toy_batch()
+    kind = type(model)
     with FakeTensorMode() as mode:
         state = {name: mode.from_tensor(t).to("cuda") for name, t in
-                 [*tiny_model.named_parameters(), *tiny_model.named_buffers()]}
+                 [*model.named_parameters(), *model.named_buffers()]}
         gpu = batch._map(mode.from_tensor).to("cuda")
         cams = torch.rand(2, 2, 4, 4, device="cuda")
         with DispatchCounter() as counter:
-            features = _call(tiny_model, state, WeCLIP.features, gpu.images)
-            out = _call(tiny_model, state, WeCLIP.forward, gpu.images, features=features,
+            features = _call(model, state, kind.features, gpu.images)
+            out = _call(model, state, kind.forward, gpu.images, features=features,
                         with_affinity=True)
-            refined = _call(tiny_model, state, WeCLIP.refined_cams, cams, features.attn,
-                            out.affinity, "rfm", (64, 64))
-            pseudo = _call(tiny_model, state, WeCLIP.labels_from_cams, gpu.images, refined,
+            scale = _call(model, state, kind.cam_scale, out.logits, features, gpu.pairs)
+            refined = _call(model, state, kind.refined_cams, cams, features.attn,
+                            out.affinity, "rfm", (64, 64), scale)
+            pseudo = _call(model, state, kind.labels_from_cams, gpu.images, refined,
                            gpu.pairs)
             logits = F.interpolate(out.logits, size=(64, 64), mode="bilinear")
             seg_loss(logits, pseudo)
             mask = radius_mask(4, 4, 2, device="cuda")
             affinity_loss(out.affinity, affinity_labels(pseudo, mask))
-            probs = _call(tiny_model, state, predict, gpu.images.float())
+            probs = _call(model, state, predict, gpu.images.float())
         assert pseudo.device.type == probs.device.type == "cuda"
     assert counter.total_syncs == 0, dict(counter.syncs)
 
@@ -153,10 +179,10 @@ def _call(model, state, fn, *args, **kwargs):
     return functional_call(_Calling(model, fn), state, args, kwargs, strict=True)
 
 
-def test_a_whole_training_step_runs_on_the_meta_device(tiny_model):
-    model = tiny_model.to("meta")
+def test_a_whole_training_step_runs_on_the_meta_device(either_model):
+    model = either_model.to("meta")
     step = train_step(model)
-    out = step(toy_batch().to("meta"))
+    out = step(toy_batch().to("meta"), self_training=True)
     assert out["loss"].device.type == "meta" and out["targets"].shape == (2, 64, 64)
     assert all(p.grad is None or p.grad.device.type == "meta" for p in model.parameters())
 

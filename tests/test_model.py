@@ -60,6 +60,14 @@ def test_layer_counts_follow_the_backbone_depth(tiny_model):
     assert (tiny_model.static_layers, tiny_model.rfm_layers) == (3, 2)  # 8/12 and 6/12 of 4
 
 
+def test_a_cam_layer_beyond_the_backbone_is_refused(tiny_model):
+    from dataclasses import replace
+
+    config = replace(tiny_model.config, cam_layer=-4)  # blocks 1..3 of 4 have tokens for it
+    with pytest.raises(ValueError, match="cam_layer -4: must be between -3 and -1"):
+        create_model(config, tiny_model.classes)
+
+
 def test_training_step_updates_the_decoder_only(tiny_model):
     optimizer = build_optimizer(tiny_model, lr=1e-3)
     step = TrainStep(tiny_model, optimizer, poly_warmup(optimizer, 10, warmup_iters=0), radius=2)

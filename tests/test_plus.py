@@ -1,8 +1,12 @@
 """WeCLIP+: the frozen DINOv2 beside the frozen CLIP, its decoder, pseudo labels and losses, and
 its model file (docs/method.md, section 10)."""
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from weclip import load_model, predict, save_model
 from weclip.batch import Batch, PresentClasses
@@ -132,3 +136,111 @@ def test_a_model_file_refuses_other_dino_weights(tiny_plus_model, tiny_dino_arch
     torch.save(other, tmp_path / "other.pth")
     with pytest.raises(ValueError, match="the frozen DINO .* is not the one this model was trained"):
         load_model(path, dino_weights=str(tmp_path / "other.pth"))
+
+
+@pytest.mark.slow
+def test_the_world_plus_recipe_runs_every_stage_on_a_tiny_world(tmp_path):
+    """The recipe as shipped (the small CLIP and small DINO of weclip/pretrained), on a world of
+    6 scenes at 64 px and 4 iterations that cross the self-training switch."""
+    from pipeline.evaluate import evaluate
+    from pipeline.infer import infer
+    from pipeline.params import RECIPES, load_params
+    from pipeline.prepare import prepare
+    from pipeline.train import train
+    from weclip import WeCLIPPlus
+
+    params = load_params(RECIPES / "world-plus.yaml", {
+        "data.out": str(tmp_path / "data"), "data.world.image_size": 64,
+        "data.world.n_train": 4, "data.world.n_val": 2,
+        "train.out": str(tmp_path / "run"), "train.iters": 4, "train.self_training_start": 2,
+        "train.batch_size": 2, "train.crop_size": 64, "train.workers": 0,
+        "train.log_every": 1, "train.checkpoint_every": 2, "train.eval_every": 4,
+        "train.eval_images": 2, "model.par_iters": 2,
+        "infer.out": str(tmp_path / "infer"), "infer.long_side": 64, "infer.workers": 1,
+        "evaluate.out": str(tmp_path / "reports"), "evaluate.train_images": 2,
+        "evaluate.qualitative": 1, "upper_bound.enabled": False})
+    prepare(params)
+    model = train(params)
+    assert isinstance(load_model(model), WeCLIPPlus)
+    infer(params, model)
+    assert len(list((tmp_path / "infer" / "crf").glob("*.png"))) == 2
+    metrics, table = evaluate(params, model)
+    assert list(table.index)[-1] == "mIoU" and 0 <= metrics["val"]["miou"] <= 100
+    # The shipped small models localise: labelling every pixel background scores under 20 here.
+    assert metrics["train"]["pseudo_miou"] > 30
+
+
+def scene(rng, klass: int, size=(48, 64)) -> tuple[np.ndarray, np.ndarray]:
+    """A noisy grey image with one coloured rectangle, and its mask of ``klass``."""
+    image = rng.integers(100, 140, (*size, 3), dtype=np.uint8)
+    mask = np.zeros(size, np.uint8)
+    y, x = rng.integers(0, 16, 2)
+    image[y:y + 28, x:x + 36] = (40 * (klass % 6), 200, 37 * klass % 256)
+    mask[y:y + 28, x:x + 36] = klass
+    return image, mask
+
+
+def voc_devkit(root: Path) -> dict:
+    """A VOC2012 folder with SegmentationClassAug: 4 train_aug and 2 val images."""
+    rng = np.random.default_rng(0)
+    for folder in ("JPEGImages", "SegmentationClassAug", "ImageSets/Segmentation"):
+        (root / folder).mkdir(parents=True)
+    for i, klass in enumerate([15, 8, 12, 15, 8, 12]):
+        image, mask = scene(rng, klass)
+        Image.fromarray(image).save(root / "JPEGImages" / f"2007_{i:06d}.jpg")
+        Image.fromarray(mask).save(root / "SegmentationClassAug" / f"2007_{i:06d}.png")
+    (root / "ImageSets/Segmentation/train.txt").write_text("2007_000000\n2007_000001\n")
+    (root / "ImageSets/Segmentation/val.txt").write_text("2007_000004\n2007_000005\n")
+    return {"root": str(root)}
+
+
+def coco_copy(root: Path) -> dict:
+    """A VOC-style COCO 2014 copy: 4 train and 2 val images with their class masks."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        (root / "JPEGImages" / split).mkdir(parents=True)
+        (root / "SegmentationClass" / split).mkdir(parents=True)
+        for i in range(count):
+            image, mask = scene(rng, [1, 18, 62][i % 3])
+            Image.fromarray(image).save(root / "JPEGImages" / split / f"COCO_{split}2014_{i:012d}.jpg")
+            Image.fromarray(mask).save(root / "SegmentationClass" / split / f"{i:012d}.png")
+    return {"root": str(root)}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe, source", [("voc-plus", voc_devkit), ("coco-plus", coco_copy)])
+def test_the_voc_and_coco_plus_recipes_run_on_small_local_data(recipe, source, tmp_path, tiny_arch,
+                                                                tiny_clip_weights, tiny_dino_arch,
+                                                                tiny_dino_weights):
+    """Each recipe as shipped, with its dataset read from a local folder, the tiny CLIP and
+    DINOv2 in place of ViT-B/16 and ViT-S/14, and the run shrunk to 4 iterations at crop 56
+    that cross the self-training switch."""
+    from pipeline.evaluate import evaluate
+    from pipeline.infer import infer
+    from pipeline.params import RECIPES, load_params
+    from pipeline.prepare import prepare
+    from pipeline.train import train
+    from weclip import WeCLIPPlus
+
+    dataset = recipe.removesuffix("-plus")
+    params = load_params(RECIPES / f"{recipe}.yaml", {
+        f"data.{dataset}": source(tmp_path / "source"), "data.out": str(tmp_path / "data"),
+        "model.weights": str(tiny_clip_weights), "model.arch": tiny_arch,
+        "model.dino": {"arch": tiny_dino_arch, "weights": str(tiny_dino_weights)},
+        "model.decoder_dim": 32, "model.par_iters": 2,
+        "train.out": str(tmp_path / "run"), "train.iters": 4, "train.self_training_start": 2,
+        "train.batch_size": 2, "train.crop_size": 56, "train.workers": 0, "train.log_every": 1,
+        "train.checkpoint_every": 2, "train.eval_every": 4, "train.eval_images": 2,
+        "train.warmup_iters": 1, "infer.out": str(tmp_path / "infer"), "infer.long_side": 64,
+        "infer.workers": 1, "evaluate.out": str(tmp_path / "reports"),
+        "evaluate.train_images": 2, "evaluate.qualitative": 1, "upper_bound.enabled": False})
+    prepare(params)
+    model = train(params)
+    trained = load_model(model)
+    assert isinstance(trained, WeCLIPPlus) and trained.config == params.model
+    assert len(trained.classes.classes) == {"voc": 20, "coco": 80}[dataset]
+    infer(params, model)
+    final = "crf" if params.infer.crf.iterations else "msf"  # COCO's recipe runs no CRF
+    assert len(list((tmp_path / "infer" / final).glob("*.png"))) == 2
+    metrics, table = evaluate(params, model)
+    assert set(metrics) >= {"val", "train"} and list(table.index)[-1] == "mIoU"

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import interrupted_and_resumed
 from pipeline import pretrain_clip as pc
 from pipeline import pretraining
 from pipeline.datasets.world import generate_world
@@ -72,19 +73,10 @@ def test_saved_weights_load_into_open_clip_and_reproduce_the_figures(run, world)
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_weights(run, world, tmp_path, monkeypatch):
     out, _ = run
-    save = pc.save_checkpoint
-
-    def save_then_stop(*args):
-        save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pc, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        pc.pretrain_clip(world, tmp_path, checkpoint_every=4, **TINY_RUN)
-    monkeypatch.undo()
-    resumed = pc.pretrain_clip(world, tmp_path, checkpoint_every=4, **TINY_RUN)
+    resumed, got = interrupted_and_resumed(pc, pc.pretrain_clip, world, tmp_path, 4, monkeypatch,
+                                           **TINY_RUN)
     assert len(resumed["losses"]) == TINY_RUN["steps"] - 4
-    expected, got = load_file(str(out / pc.WEIGHTS_FILE)), load_file(str(tmp_path / pc.WEIGHTS_FILE))
+    expected = load_file(str(out / pc.WEIGHTS_FILE))
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import interrupted_and_resumed
 from pipeline import pretrain_dino as pd
 from pipeline.datasets.world import generate_world
 from weclip.dino import FrozenDINO, create_dino
@@ -51,19 +52,10 @@ def test_saved_weights_are_the_teachers_and_load_into_the_frozen_dino(run, world
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_weights(run, world, tmp_path, monkeypatch):
     out, _ = run
-    save = pd.save_checkpoint
-
-    def save_then_stop(*args):
-        save(*args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pd, "save_checkpoint", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        pd.pretrain_dino(world, tmp_path, checkpoint_every=2, **TINY_RUN)
-    monkeypatch.undo()
-    resumed = pd.pretrain_dino(world, tmp_path, checkpoint_every=2, **TINY_RUN)
+    resumed, got = interrupted_and_resumed(pd, pd.pretrain_dino, world, tmp_path, 2, monkeypatch,
+                                           **TINY_RUN)
     assert len(resumed["losses"]) == TINY_RUN["steps"] - 2
-    expected, got = load_file(str(out / pd.WEIGHTS_FILE)), load_file(str(tmp_path / pd.WEIGHTS_FILE))
+    expected = load_file(str(out / pd.WEIGHTS_FILE))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 

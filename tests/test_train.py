@@ -148,6 +148,21 @@ def test_the_upper_bound_trains_on_masks_without_the_cam_branch(
     assert len(read_rows(tmp_path / "run" / "losses.csv")) == 2
 
 
+def test_the_upper_bound_learns_the_true_masks_even_where_the_run_self_trains(
+        plus_params, tmp_path, monkeypatch):
+    from pipeline.train import train_upper_bound
+    from weclip.training import TrainStep
+
+    calls = []
+    step = TrainStep.__call__
+    monkeypatch.setattr(TrainStep, "__call__", lambda self, batch, **kw: (
+        calls.append(kw["self_training"]), step(self, batch, **kw))[1])
+    params = plus_params(tmp_path / "run", iters=2, self_training_start=0, eval_every=100)
+    params.upper_bound.enabled, params.upper_bound.out = True, str(tmp_path / "bound")
+    train_upper_bound(params)
+    assert calls == [False, False]
+
+
 @pytest.mark.slow
 def test_weclip_plus_trains_infers_and_evaluates_through_the_stages(plus_params, tmp_path):
     from pipeline.evaluate import evaluate

@@ -8,7 +8,6 @@ tokens and head-averaged attention), and block N again with gradient for Grad-CA
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
@@ -25,7 +24,7 @@ from torch import nn
 from .batch import BackboneFeatures
 from .config import NORMALIZATION, ModelConfig
 from .model_configs import register_model_configs
-from .weights import is_weight_file, resolve_weights
+from .weights import is_weight_file, resolve_weights, weights_digest
 
 # Keys that OpenAI's TorchScript archives carry besides the weights.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -245,11 +244,7 @@ class FrozenCLIP(nn.Module):
         """A digest of the image tower's weights as loaded: which frozen CLIP this is (kept
         from the first call, so that a backbone cast to bfloat16 keeps its identity)."""
         if self._digest is None:
-            digest = hashlib.blake2b(digest_size=16)
-            for name, tensor in self.visual.state_dict().items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            self._digest = digest.hexdigest()
+            self._digest = weights_digest(self.visual)
         return self._digest
 
     def cast_blocks(self, dtype: torch.dtype) -> "FrozenCLIP":

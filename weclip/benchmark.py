@@ -1,7 +1,7 @@
 """Benchmark of a training step and of inference: time, phases, launched ops, host syncs, memory.
 
-Random CLIP weights and random images with 1-3 labels each out of 20 classes (3 slots per
-image): the timings do not depend on what the weights are. A training step is the full online
+Random CLIP (and, for WeCLIP+, DINOv2) weights and random images with 1-3 labels each out of
+20 classes (3 slots per image): the timings do not depend on what the weights are. A training step is the full online
 step: backbone, Grad-CAM, RFM refinement, PAR, decoder, losses, backward and optimiser step.
 The phases are the ``weclip.profiling.phase`` ranges of the model and the training step, timed
 by torch's profiler in a separate pass (profiling slows the step a little; the headline step
@@ -20,7 +20,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from .batch import Batch, PresentClasses
-from .config import ModelConfig
+from .config import DinoConfig, ModelConfig
 from .contract import ClassInfo
 from .factory import create_model
 from .inference import predict
@@ -54,13 +54,14 @@ def random_batch(batch: int, crop: int, classes: int, generator: torch.Generator
     return Batch(images, labels, torch.arange(batch), PresentClasses.from_labels(labels, MAX_LABELS))
 
 
-def phase_times(step: TrainStep, batch: Batch, device: torch.device, steps: int) -> tuple[dict, float | None]:
-    """Milliseconds per step spent in each phase of ``PHASES``, from torch's profiler; on CUDA
-    also the GPU kernels run per step (else None)."""
+def phase_times(step: TrainStep, batch: Batch, device: torch.device, steps: int,
+                **options) -> tuple[dict, float | None]:
+    """Milliseconds per step (``step(batch, **options)``) spent in each phase of ``PHASES``,
+    from torch's profiler; on CUDA also the GPU kernels run per step (else None)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         for _ in range(steps):
-            step(batch)
+            step(batch, **options)
         synchronize(device)
     totals = {e.key: e for e in prof.key_averages()}
     attribute = "device_time_total" if device.type == "cuda" else "cpu_time_total"
@@ -73,28 +74,34 @@ def phase_times(step: TrainStep, batch: Batch, device: torch.device, steps: int)
     return phases, kernels
 
 
-def count_dispatch(step: TrainStep, batch: Batch) -> DispatchCounter:
-    """One step under a DispatchCounter, the model's tensors and the batch's as device values."""
+def count_dispatch(step: TrainStep, batch: Batch, **options) -> DispatchCounter:
+    """One step (``step(batch, **options)``) under a DispatchCounter, the model's tensors and
+    the batch's as device values."""
     model = step.model
     tensors = [*model.parameters(), *model.buffers(), batch.images,
                batch.pairs.classes, batch.pairs.valid, batch.pairs.present]
     with DispatchCounter(tensors) as counter:
-        step(batch)
+        step(batch, **options)
     return counter
 
 
 def run_benchmark(arch: str = "ViT-B-16", *, batch: int = 4, crop: int = 320,
                   device: str | None = None, steps: int = 10, warmup: int = 2,
                   amp: bool = False, compile: bool = False, long_side: int = 512,
-                  infer_images: int = 5) -> dict:
-    """Measure; returns the figures as a flat dict (``weclip benchmark`` prints them)."""
+                  infer_images: int = 5, dino: str | None = None) -> dict:
+    """Measure; returns the figures as a flat dict (``weclip benchmark`` prints them).
+    ``dino``: a DINOv2 arch, for WeCLIP+ in the voc-plus recipe's settings, its steps those
+    after the self-training switch."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gen = torch.Generator().manual_seed(0)
     classes = ClassInfo("benchmark", [f"class {i}" for i in range(20)],
                         [f"class {i}" for i in range(20)], ["ground", "sky", "wall"])
-    model = create_model(ModelConfig(arch=arch, weights=None), classes).to(device)
+    plus = dict(dino=DinoConfig(dino, None), cam_layer=-2, box_threshold=None) if dino else {}
+    model = create_model(ModelConfig(arch=arch, weights=None, **plus), classes).to(device)
     optimizer = build_optimizer(model)
-    step = TrainStep(model, optimizer, poly_warmup(optimizer, max_iters=1000), amp=amp)
+    losses = dict(dice_weight=1.0, cross_weight=0.1) if dino else {}
+    step = TrainStep(model, optimizer, poly_warmup(optimizer, max_iters=1000), amp=amp, **losses)
+    options = {"self_training": True} if dino else {}
     if compile:
         model.compile_parts()
     data = random_batch(batch, crop, len(classes.classes), gen)
@@ -103,20 +110,20 @@ def run_benchmark(arch: str = "ViT-B-16", *, batch: int = 4, crop: int = 320,
     data = data.to(device)
 
     for _ in range(warmup):
-        step(data)
+        step(data, **options)
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for _ in range(steps):
-        step(data)
+        step(data, **options)
     synchronize(device)
     step_s = (time.perf_counter() - start) / steps
     train_peak = peak_memory_mb(device)
-    phases, kernels = phase_times(step, data, device, max(1, steps // 2))
+    phases, kernels = phase_times(step, data, device, max(1, steps // 2), **options)
     counts = {}
     if not compile:
-        counter = count_dispatch(step, data)
+        counter = count_dispatch(step, data, **options)
         syncs = Counter({f"{phase_name}: {op}": n for (phase_name, op), n in counter.syncs.items()})
         counts = {"launches_per_step": counter.total_launches,
                   **{f"launches.{k}": counter.launches.get(k, 0) for k in (*PHASES, "other")},
@@ -135,7 +142,7 @@ def run_benchmark(arch: str = "ViT-B-16", *, batch: int = 4, crop: int = 320,
 
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else f"CPU ({torch.get_num_threads()} threads)")
-    return {"arch": arch, "device": name, "torch": torch.__version__, "batch": batch,
+    return {"arch": arch, "dino": dino, "device": name, "torch": torch.__version__, "batch": batch,
             "crop": crop, "amp": amp, "compile": compile,
             "train_step_s": round(step_s, 4), "train_iters_per_s": round(1 / step_s, 3),
             "train_peak_memory_mb": round(train_peak, 1),

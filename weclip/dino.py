@@ -10,7 +10,6 @@ with antialiasing in both.)
 """
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
@@ -20,7 +19,7 @@ from torch import nn
 from .backbone import load_state_dict
 from .config import DinoConfig
 from .model_configs import DINO_CONFIGS
-from .weights import is_weight_file, resolve_weights
+from .weights import is_weight_file, resolve_weights, weights_digest
 
 
 def create_dino(arch: str, weights: str | None = None) -> nn.Module:
@@ -82,12 +81,15 @@ class FrozenDINO(nn.Module):
     def digest(self) -> str:
         """A digest of the weights as loaded: which DINOv2 this is."""
         if self._digest is None:
-            digest = hashlib.blake2b(digest_size=16)
-            for name, tensor in self.vit.state_dict().items():
-                digest.update(name.encode())
-                digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-            self._digest = digest.hexdigest()
+            self._digest = weights_digest(self.vit)
         return self._digest
+
+    def cast(self, dtype: torch.dtype) -> "FrozenDINO":
+        """Cast the ViT to ``dtype`` once (mixed-precision training, instead of autocast casting
+        the frozen weights at every step); nothing differentiates through it."""
+        self.digest()
+        self.vit.to(dtype)
+        return self
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -46,6 +46,9 @@ class WeCLIP(nn.Module):
         super().__init__()
         self.backbone, self.classes, self.config = backbone, classes, config
         depth = backbone.depth
+        if not -(depth - 1) <= config.cam_layer <= -1:
+            raise ValueError(f"cam_layer {config.cam_layer}: must be between -{depth - 1} and -1 "
+                             f"(the tokens of blocks 1..N-1 of {config.arch}'s {depth})")
         self.static_layers = config.static_layers or scaled_layers(depth, 8)
         self.rfm_layers = config.rfm_layers or scaled_layers(depth, 6)
         # Text features are fixed: encode once, keep with the module, leave out of checkpoints.

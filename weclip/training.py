@@ -1,4 +1,5 @@
-"""One WeCLIP training step: online pseudo labels, losses, update (docs/method.md, section 6)."""
+"""One WeCLIP (or WeCLIP+) training step: online pseudo labels, losses, update (docs/method.md,
+sections 6 and 10)."""
 from __future__ import annotations
 
 import contextlib
@@ -16,7 +17,7 @@ class TrainStep:
 
     Keeps the affinity radius mask for the crop's token grid; returns detached loss tensors so
     that the caller decides when to pay for a device sync. ``amp``: bfloat16 autocast, the
-    frozen backbone cast to bfloat16 once (its block N stays in float32 for Grad-CAM).
+    frozen backbones cast to bfloat16 once (the CLIP's block N stays in float32 for Grad-CAM).
     WeCLIP+ adds ``dice_weight`` x a Dice loss on the prediction and ``cross_weight`` x each
     branch's loss on the other's argmax; with ``self_training``, the prediction replaces the
     pseudo labels where its confidence is over ``confidence`` (docs/method.md, section 10).
@@ -38,6 +39,8 @@ class TrainStep:
         self._masks = {}
         if amp:
             model.backbone.cast_blocks(torch.bfloat16)
+            if model.config.dino:
+                model.dino.cast(torch.bfloat16)
 
     def radius_mask(self, grid: tuple[int, int], device) -> torch.Tensor:
         if grid not in self._masks:
