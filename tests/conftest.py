@@ -142,12 +142,12 @@ def toy_dataset(tmp_path):
 
 @pytest.fixture
 def toy_params(toy_dataset, tiny_arch, tiny_clip_weights):
-    """``make(out, **train)``: params that train the tiny CLIP's WeCLIP on the toy dataset into
-    ``out`` (6 iterations of batch 2, a checkpoint and an evaluation every 2), ``train`` keys
-    overridden."""
+    """``make(out, model=None, **train)``: params that train the tiny CLIP's WeCLIP on the toy
+    dataset into ``out`` (6 iterations of batch 2, a checkpoint and an evaluation every 2),
+    ``model`` and ``train`` keys overridden."""
     from pipeline.params import load_params
 
-    def make(out, **train):
+    def make(out, model=None, **train):
         overrides = {"data.dataset": "toy", "data.out": str(toy_dataset / "prepared"),
                      "model.arch": tiny_arch, "model.weights": str(tiny_clip_weights),
                      "model.decoder_dim": 32, "model.par_iters": 2, "train.out": str(out),
@@ -155,6 +155,7 @@ def toy_params(toy_dataset, tiny_arch, tiny_clip_weights):
                      "train.crop_size": 64, "train.workers": 0, "train.log_every": 1,
                      "train.checkpoint_every": 2, "train.eval_every": 2, "train.eval_images": 2,
                      "train.warmup_iters": 2}
+        overrides.update({f"model.{k}": v for k, v in (model or {}).items()})
         overrides.update({f"train.{k}": v for k, v in train.items()})
         overrides.setdefault("train.rfm_start", overrides["train.iters"] // 2)
         return load_params(None, overrides)
@@ -230,14 +231,11 @@ def plus_params(toy_params, tiny_dino_arch, tiny_dino_weights):
     """``make(out, **train)`` as ``toy_params``, for WeCLIP+ with the tiny DINOv2 and the VOC
     recipe's switches (RFM+ from the start, the Dice and cross-branch losses, self-training
     from iteration 4)."""
-    from weclip import DinoConfig
-
     def make(out, **train):
         train = {"dice_weight": 1.0, "cross_weight": 0.1, "self_training_start": 4,
                  "rfm_start": 0, **train}
-        params = toy_params(out, **train)
-        params.model.dino = DinoConfig(tiny_dino_arch, str(tiny_dino_weights))
-        params.model.cam_layer, params.model.box_threshold = -2, None
-        return params
+        model = {"dino": {"arch": tiny_dino_arch, "weights": str(tiny_dino_weights)},
+                 "cam_layer": -2, "box_threshold": None}
+        return toy_params(out, model, **train)
 
     return make

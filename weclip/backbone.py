@@ -8,6 +8,7 @@ tokens and head-averaged attention), and block N again with gradient for Grad-CA
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -24,7 +25,7 @@ from torch import nn
 from .batch import BackboneFeatures
 from .config import NORMALIZATION, ModelConfig
 from .model_configs import register_model_configs
-from .weights import is_weight_file, resolve_weights, weights_digest
+from .weights import is_weight_file, resolve_weights
 
 # Keys that OpenAI's TorchScript archives carry besides the weights.
 _NON_WEIGHT_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
@@ -62,6 +63,15 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a state dict (got {type(state_dict).__name__})")
     state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
     return {k: v for k, v in state_dict.items() if k not in _NON_WEIGHT_KEYS}
+
+
+def weights_digest(module: nn.Module) -> str:
+    """A digest of ``module``'s weights (names and bytes): which frozen backbone this is."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _is_torchscript(path: Path) -> bool:

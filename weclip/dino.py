@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import load_state_dict
+from .backbone import load_state_dict, weights_digest
 from .config import DinoConfig
 from .model_configs import DINO_CONFIGS
-from .weights import is_weight_file, resolve_weights, weights_digest
+from .weights import is_weight_file, resolve_weights
 
 
 def create_dino(arch: str, weights: str | None = None) -> nn.Module:

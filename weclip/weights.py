@@ -1,17 +1,13 @@
 """Where a frozen backbone's weights come from: a local file, or a pretrained tag of the library
-that builds the backbone (open_clip's 'openai', timm's DINOv2 tags), downloaded by that library;
-and a digest that tells which weights a backbone holds.
+that builds the backbone (open_clip's 'openai', timm's DINOv2 tags), downloaded by that library.
 
 One rule tells them apart everywhere (building a model, checking params): a name with a file
 suffix or a path separator, or that exists as a file, is a file; any other name is a tag.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
-
-import torch
 
 # Weight files named relative to the project (the shipped small CLIP) are found from any
 # working directory.
@@ -31,12 +27,3 @@ def is_weight_file(weights: str) -> bool:
     """True when ``weights`` names a file (existing or not) rather than a pretrained tag."""
     return (bool(Path(weights).suffix) or os.sep in weights or "/" in weights
             or Path(resolve_weights(weights)).exists())
-
-
-def weights_digest(module: torch.nn.Module) -> str:
-    """A digest of ``module``'s weights (names and bytes): which frozen backbone this is."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in module.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
