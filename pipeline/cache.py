@@ -10,7 +10,6 @@ the others wait; every rank returns only once all shards are written.
 """
 from __future__ import annotations
 
-import errno
 import shutil
 import threading
 from pathlib import Path
@@ -22,7 +21,7 @@ from tqdm import tqdm
 
 from weclip.backbone import FrozenCLIP
 from weclip.contract import multi_hot, read_classes, read_manifest
-from weclip.files import NoSpaceError
+from weclip.files import NoSpaceError, no_space
 from weclip.images import load_image
 
 from . import distributed
@@ -120,7 +119,7 @@ def write_cache(backbone: FrozenCLIP, dataset_root: str | Path, split: str,
             for name, array in arrays.items():
                 group[name][start:end] = array
         except OSError as e:  # a shard file is written whole or not at all
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not no_space(e):
                 raise
             needed = sum(a.nbytes for a in arrays.values())  # before compression
             raise NoSpaceError(out_path, needed, "up to ") from None

@@ -171,7 +171,6 @@ def evaluate_flow(params: Params, tags: list[str] | None = None) -> dict:
                  "reports in %s (metrics.json, iou.md, plots), %.1f s", val["miou"],
                  val["miou_no_crf"], val["miou_single_scale"], metrics["train"]["pseudo_miou"],
                  params.evaluate.out, time.monotonic() - start)
-        rows = table.reset_index().astype(object).where(table.reset_index().notna(), None)
-        monitor.table("iou", rows.to_dict("records"),
+        monitor.table("iou", table.reset_index().to_dict("records"),
                       "IoU per class of every step of the method (percent)")
         return metrics

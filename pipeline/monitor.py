@@ -19,7 +19,6 @@ import queue
 import subprocess
 import threading
 import time
-import urllib.request
 from datetime import datetime, timezone
 from typing import Callable, TypeVar
 from uuid import UUID, uuid4
@@ -32,7 +31,7 @@ from prefect.client.schemas.actions import ArtifactCreate, ArtifactUpdate, LogCr
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
 from prefect.states import Completed, Failed, Running
 
-from .prefect_env import wait_for
+from .prefect_env import answers, wait_for
 
 T = TypeVar("T")
 log = logging.getLogger("pipeline")
@@ -150,11 +149,7 @@ class Monitor:
         """False while the API is known not to answer, until a probe finds it back."""
         if self._online or time.monotonic() < self._next_probe:
             return self._online
-        try:
-            with urllib.request.urlopen(f"{self.api}/health", timeout=2) as response:
-                self._online = response.status == 200
-        except OSError:
-            self._online = False
+        self._online = answers(self.api)
         if self._online:
             log.warning("monitoring: the Prefect API at %s answers again; reporting resumed",
                         self.api)

@@ -41,6 +41,24 @@ def configure() -> None:
     os.environ.setdefault("PREFECT_HOME", str(Path.cwd() / ".prefect"))
 
 
+def _api(port: int | str) -> str:
+    return f"http://127.0.0.1:{port}/api"
+
+
+def _server_command(port: int | str) -> list[str]:
+    return [sys.executable, "-m", "prefect", "server", "start", "--port", str(port)]
+
+
+def _ui_port() -> str:
+    """The port of the server a user browses: PREFECT_SERVER_API_PORT, 4200 by default (a
+    server a stage starts for itself takes a free one)."""
+    return os.environ.get("PREFECT_SERVER_API_PORT", "4200")
+
+
+def _server_log() -> Path:
+    return Path(os.environ["PREFECT_HOME"]) / "server.log"
+
+
 def answers(api: str) -> bool:
     """Whether a Prefect API answers at ``api`` (within 2 s)."""
     try:
@@ -58,13 +76,12 @@ def start_server(port: int | None = None) -> tuple[str, subprocess.Popen]:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-    log = Path(os.environ["PREFECT_HOME"]) / "server.log"
+    log = _server_log()
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start",
-                                   "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+        server = subprocess.Popen(_server_command(port), stdout=out, stderr=subprocess.STDOUT,
                                   preexec_fn=die_with_parent)
-    return f"http://127.0.0.1:{port}/api", server
+    return _api(port), server
 
 
 def wait_for(api: str, server: subprocess.Popen) -> bool:
@@ -93,14 +110,13 @@ def serve(command: list[str]) -> int:
     configure()
     if os.environ.get("PREFECT_API_URL"):
         return subprocess.run(command).returncode
-    port = int(os.environ.get("PREFECT_SERVER_API_PORT", "4200"))
-    api, server = f"http://127.0.0.1:{port}/api", None
+    port = _ui_port()
+    api, server = _api(port), None
     if not answers(api):
-        api, server = start_server(port)
+        api, server = start_server(int(port))
         if not wait_for(api, server):
             stop(server)
-            sys.exit(f"error: the Prefect server did not start; see "
-                     f"{Path(os.environ['PREFECT_HOME']) / 'server.log'}")
+            sys.exit(f"error: the Prefect server did not start; see {_server_log()}")
     print(f"Prefect UI at {api.removesuffix('/api')} (runs on {os.environ['PREFECT_HOME']})",
           flush=True)
     try:
@@ -112,15 +128,14 @@ def serve(command: list[str]) -> int:
 def ui() -> int:
     """Serve the UI on PREFECT_HOME in the foreground, unless a server already answers."""
     configure()
-    port = os.environ.get("PREFECT_SERVER_API_PORT", "4200")
-    api = f"http://127.0.0.1:{port}/api"
+    port = _ui_port()
+    api = _api(port)
     if os.environ.get("PREFECT_API_URL"):
         print(f"PREFECT_API_URL is set: the runs are on {os.environ['PREFECT_API_URL']}")
     elif answers(api):
         print(f"a Prefect server is already running: open {api.removesuffix('/api')}")
     else:  # it prints the address; Ctrl-C stops it
-        return subprocess.run([sys.executable, "-m", "prefect", "server", "start",
-                               "--port", port]).returncode
+        return subprocess.run(_server_command(port)).returncode
     return 0
 
 

@@ -13,7 +13,6 @@ zero-shot figures on the val split.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ import numpy as np
 import open_clip
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 from pipeline.datasets.world import describe
@@ -33,8 +31,8 @@ from weclip.model_configs import TINY_CLIP, register_model_configs
 from weclip.optim import cosine_warmup
 from weclip.refine import scaled_layers
 
-from .pretraining import (CHECKPOINT_FILE, WEIGHTS_FILE, Split, augment, batch_indices,
-                          load_split, resume, save_checkpoint)
+from .pretraining import (CHECKPOINT_FILE, Split, augment, batch_indices, finish, load_split,
+                          resume, save_checkpoint, save_weights)
 
 METRICS_FILE = "zero_shot.json"
 
@@ -278,15 +276,12 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
         scheduler = cosine_warmup(optimizer, steps, warmup_steps)
         start = resume(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler)
 
-        data = load_split(world_dir, "pretrain")
+        data = load_split(world_dir, "pretrain", batch_size)
         size, grid = model.visual.image_size[0], model.visual.grid_size[0]
         # The blocks whose mean attention WeCLIP's static refinement walks on; none without
         # the term.
         depth = len(model.visual.transformer.resblocks)
         attention_blocks = (attention_blocks or scaled_layers(depth, 8)) if attention_weight else 0
-        if len(data.images) < batch_size:
-            raise ValueError(f"{world_dir}: {len(data.images)} pretrain images, fewer than a "
-                             f"batch of {batch_size}")
         if data.images.shape[-1] != size:
             raise ValueError(f"{world_dir}: images of {data.images.shape[-1]} px, {model_name} "
                              f"takes {size} px")
@@ -314,15 +309,11 @@ def pretrain_clip(world_dir: str | Path, out_dir: str | Path, *, model_name: str
                 save_checkpoint(out_dir / CHECKPOINT_FILE, settings, model, optimizer, scheduler,
                                  step + 1)
 
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                  str(out_dir / WEIGHTS_FILE), metadata={"open_clip_model": model_name})
+        save_weights(out_dir, model.state_dict(), {"open_clip_model": model_name})
         started = time.monotonic()
         metrics = zero_shot(model, tokenizer, world_dir, eval_split, template)
         print(f"zero-shot on {eval_split} ({time.monotonic() - started:.0f} s): "
               + ", ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k != "images"), flush=True)
-        (out_dir / METRICS_FILE).write_text(json.dumps(
-            {**metrics, **settings, "final_loss": losses[-1] if losses else None}, indent=2) + "\n")
-        (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-        return {**metrics, "losses": losses}
+        return finish(out_dir, METRICS_FILE, metrics, settings, losses)
     finally:
         torch.use_deterministic_algorithms(was_deterministic)

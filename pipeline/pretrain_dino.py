@@ -12,14 +12,12 @@ state dict as .safetensors, and ``knn_purity``, a figure of what its patch featu
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
@@ -28,8 +26,8 @@ from weclip.dino import FrozenDINO, create_dino
 from weclip.model_configs import TINY_DINO
 from weclip.optim import cosine_warmup
 
-from .pretraining import (CHECKPOINT_FILE, WEIGHTS_FILE, augment, batch_indices, load_split,
-                          resume, save_checkpoint)
+from .pretraining import (CHECKPOINT_FILE, augment, batch_indices, finish, load_split, resume,
+                          save_checkpoint, save_weights)
 
 METRICS_FILE = "knn_purity.json"
 
@@ -161,10 +159,7 @@ def pretrain_dino(world_dir: str | Path, out_dir: str | Path, *, model_name: str
     scheduler = cosine_warmup(optimizer, steps, warmup_steps)
     start = resume(out_dir / CHECKPOINT_FILE, settings, both, optimizer, scheduler)
 
-    data = load_split(world_dir, "pretrain")
-    if len(data.images) < batch_size:
-        raise ValueError(f"{world_dir}: {len(data.images)} pretrain images, fewer than a "
-                         f"batch of {batch_size}")
+    data = load_split(world_dir, "pretrain", batch_size)
     patch = student.vit.patch_embed.patch_size[0]
     losses = []
     progress = tqdm(range(start, steps), initial=start, total=steps, desc="pretrain DINO")
@@ -205,8 +200,7 @@ def pretrain_dino(world_dir: str | Path, out_dir: str | Path, *, model_name: str
             save_checkpoint(out_dir / CHECKPOINT_FILE, settings, both, optimizer, scheduler,
                             step + 1)
 
-    state = {k: v.contiguous() for k, v in teacher.vit.state_dict().items()}
-    save_file(state, str(out_dir / WEIGHTS_FILE), metadata={"timm_model": model_name})
+    save_weights(out_dir, teacher.vit.state_dict(), {"timm_model": model_name})
     val = load_split(world_dir, eval_split)
     images, masks = val.images[:eval_images], val.masks[:eval_images].long()
     metrics = {"pretrained": knn_purity(FrozenDINO(teacher.vit), images, masks),
@@ -214,7 +208,4 @@ def pretrain_dino(world_dir: str | Path, out_dir: str | Path, *, model_name: str
     print(f"patch k-NN purity on {eval_split}: {metrics['pretrained']['purity']:.3f} "
           f"(untrained {metrics['untrained']['purity']:.3f}, chance "
           f"{metrics['pretrained']['chance']:.3f})", flush=True)
-    (out_dir / METRICS_FILE).write_text(json.dumps(
-        {**metrics, **settings, "final_loss": losses[-1] if losses else None}, indent=2) + "\n")
-    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    return {**metrics, "losses": losses}
+    return finish(out_dir, METRICS_FILE, metrics, settings, losses)

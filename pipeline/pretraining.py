@@ -4,6 +4,7 @@ resumes from (with the resume policy of every stage: other settings start afresh
 a damaged file is an error that names it)."""
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from pipeline.datasets.world import read_captions
 from weclip.contract import read_manifest
@@ -35,11 +37,15 @@ class Split:
     labels: list[list[int]]  # [N] class ids present
 
 
-def load_split(world_dir: str | Path, split: str) -> Split:
-    """All images, masks and captions of a world split."""
+def load_split(world_dir: str | Path, split: str, batch_size: int = 1) -> Split:
+    """All images, masks and captions of a world split, which must hold a batch of
+    ``batch_size``."""
     records = read_manifest(world_dir, split)
     if not records:
         raise ValueError(f"{world_dir}: no images in split {split!r}")
+    if len(records) < batch_size:
+        raise ValueError(f"{world_dir}: {len(records)} {split} images, fewer than a batch of "
+                         f"{batch_size}")
     captions = read_captions(world_dir)
     return Split(images=torch.stack([load_image(r.image).to(torch.uint8) for r in records]),
                  masks=torch.stack([load_mask(r.mask).to(torch.uint8) for r in records]),
@@ -103,6 +109,23 @@ def resume(path: Path, settings: dict, model: torch.nn.Module, optimizer, schedu
     scheduler.load_state_dict(checkpoint["scheduler"])
     print(f"resuming from step {checkpoint['step']}", flush=True)
     return checkpoint["step"]
+
+
+def save_weights(out_dir: Path, state_dict: dict[str, torch.Tensor], metadata: dict) -> None:
+    """The pretrained weights as ``out_dir``/WEIGHTS_FILE, a safetensors file."""
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(out_dir / WEIGHTS_FILE),
+              metadata=metadata)
+
+
+def finish(out_dir: Path, metrics_file: str, metrics: dict, settings: dict,
+           losses: list[float]) -> dict:
+    """Write the figures of what the run learned, with its settings and final loss, to
+    ``out_dir``/``metrics_file`` and drop the checkpoint; returns the figures and the losses
+    of this call's steps."""
+    (out_dir / metrics_file).write_text(json.dumps(
+        {**metrics, **settings, "final_loss": losses[-1] if losses else None}, indent=2) + "\n")
+    (out_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    return {**metrics, "losses": losses}
 
 
 def save_checkpoint(path: Path, settings: dict, model: torch.nn.Module, optimizer, scheduler,

@@ -36,6 +36,8 @@ def interrupted_and_resumed(module, pretrain, world, out, every: int, monkeypatc
     import pytest
     from safetensors.torch import load_file
 
+    from pipeline.pretraining import WEIGHTS_FILE
+
     save = module.save_checkpoint
 
     def save_then_stop(*args):
@@ -47,4 +49,4 @@ def interrupted_and_resumed(module, pretrain, world, out, every: int, monkeypatc
         pretrain(world, out, checkpoint_every=every, **settings)
     monkeypatch.undo()
     resumed = pretrain(world, out, checkpoint_every=every, **settings)
-    return resumed, load_file(str(out / module.WEIGHTS_FILE))
+    return resumed, load_file(str(out / WEIGHTS_FILE))

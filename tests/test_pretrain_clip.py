@@ -14,6 +14,7 @@ from helpers import interrupted_and_resumed
 from pipeline import pretrain_clip as pc
 from pipeline import pretraining
 from pipeline.datasets.world import generate_world
+from pipeline.pretraining import WEIGHTS_FILE
 from weclip.backbone import normalize
 from weclip.contract import read_classes
 from weclip.model_configs import TINY_CLIP, register_model_configs
@@ -64,7 +65,7 @@ def test_pretraining_lowers_the_loss(run):
 def test_saved_weights_load_into_open_clip_and_reproduce_the_figures(run, world):
     out, result = run
     assert not (out / pc.CHECKPOINT_FILE).exists(), "the checkpoint goes once weights are written"
-    model = _reload(out / pc.WEIGHTS_FILE)
+    model = _reload(out / WEIGHTS_FILE)
     figures = pc.zero_shot(model, open_clip.get_tokenizer(TINY_CLIP), world)
     assert figures == {k: v for k, v in result.items() if k != "losses"}
     assert 0 <= figures["mAP"] <= 1 and figures["images"] == 8
@@ -76,7 +77,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(run, world, tmp_path, mo
     resumed, got = interrupted_and_resumed(pc, pc.pretrain_clip, world, tmp_path, 4, monkeypatch,
                                            **TINY_RUN)
     assert len(resumed["losses"]) == TINY_RUN["steps"] - 4
-    expected = load_file(str(out / pc.WEIGHTS_FILE))
+    expected = load_file(str(out / WEIGHTS_FILE))
     assert expected.keys() == got.keys()
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
@@ -140,7 +141,7 @@ def test_attention_supervision_makes_attention_group_patches_by_class(tmp_path, 
     within = {}
     for weight in (0.0, 5.0):
         pc.pretrain_clip(world, tmp_path / str(weight), attention_weight=weight, **kwargs)
-        model = _reload(tmp_path / str(weight) / pc.WEIGHTS_FILE)
+        model = _reload(tmp_path / str(weight) / WEIGHTS_FILE)
         with torch.no_grad():
             _, _, attn = pc.encode_patches(model.visual, images, attention_blocks=4)
         within[weight] = float(pc.attention_loss(attn, shares))

@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from helpers import interrupted_and_resumed
 from pipeline import pretrain_dino as pd
 from pipeline.datasets.world import generate_world
+from pipeline.pretraining import WEIGHTS_FILE
 from weclip.dino import FrozenDINO, create_dino
 from weclip.model_configs import TINY_DINO
 
@@ -36,11 +37,11 @@ def test_config_is_a_timm_dinov2_vit_with_a_16x16_grid_at_the_worlds_size():
 def test_saved_weights_are_the_teachers_and_load_into_the_frozen_dino(run, world):
     out, result = run
     assert not (out / pd.CHECKPOINT_FILE).exists(), "the checkpoint goes once weights are written"
-    state = load_file(str(out / pd.WEIGHTS_FILE))
+    state = load_file(str(out / WEIGHTS_FILE))
     untrained = create_dino(TINY_DINO).state_dict()
     assert state.keys() == untrained.keys()
     assert not torch.equal(state["blocks.0.attn.qkv.weight"], untrained["blocks.0.attn.qkv.weight"])
-    loaded = create_dino(TINY_DINO, str(out / pd.WEIGHTS_FILE)).state_dict()
+    loaded = create_dino(TINY_DINO, str(out / WEIGHTS_FILE)).state_dict()
     assert all(torch.equal(loaded[k], state[k]) for k in state)
     assert len(result["losses"]) == TINY_RUN["steps"]
     assert all(torch.isfinite(torch.tensor(result["losses"])))
@@ -55,7 +56,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(run, world, tmp_path, mo
     resumed, got = interrupted_and_resumed(pd, pd.pretrain_dino, world, tmp_path, 2, monkeypatch,
                                            **TINY_RUN)
     assert len(resumed["losses"]) == TINY_RUN["steps"] - 2
-    expected = load_file(str(out / pd.WEIGHTS_FILE))
+    expected = load_file(str(out / WEIGHTS_FILE))
     assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 

@@ -1,8 +1,9 @@
 """Benchmark of a training step and of inference: time, phases, launched ops, host syncs, memory.
 
 Random CLIP (and, for WeCLIP+, DINOv2) weights and random images with 1-3 labels each out of
-20 classes (3 slots per image): the timings do not depend on what the weights are. A training step is the full online
-step: backbone, Grad-CAM, RFM refinement, PAR, decoder, losses, backward and optimiser step.
+20 classes (3 slots per image): the timings do not depend on what the weights are. A training
+step is the full online step: backbone, Grad-CAM, RFM refinement, PAR, decoder, losses,
+backward and optimiser step.
 The phases are the ``weclip.profiling.phase`` ranges of the model and the training step, timed
 by torch's profiler in a separate pass (profiling slows the step a little; the headline step
 time is measured without it). Launched ops and host syncs are counted over one step by

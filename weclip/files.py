@@ -43,13 +43,18 @@ def write_atomically(path: str | Path, content: bytes | str | Callable[[Path], N
     except BaseException as e:
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if no_space(e):
             if callable(data):
                 raise NoSpaceError(path, written, "over ") from None
             raise NoSpaceError(path, len(data)) from None
         raise
     os.replace(tmp, path)
     return path
+
+
+def no_space(error: BaseException) -> bool:
+    """Whether ``error`` is a write's failure for lack of space (or of quota)."""
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def torch_bytes(obj) -> bytes:
